@@ -1,0 +1,177 @@
+"""The job file's schema: strict pydantic models (unknown keys are refused).
+
+Loading (YAML with line numbers, ``${VAR}`` expansion, tiers, compiler-style
+errors) lives in ``ephemera.jobfile``; this module only says what a job is.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+)
+
+from ephemera.durations import format_duration, parse_duration
+
+Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
+
+# The built-in CPU environment/image and the tiny model, for running the whole
+# lifecycle on a machine without a GPU (see README: "Running without a GPU").
+BUILTIN_CPU_IMAGE = "ephemera/cpu"
+BUILTIN_TINY_MODEL = "ephemera/tiny-llama"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({
+        "anyOf": [
+            {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?h)?(\d+(\.\d+)?m)?(\d+(\.\d+)?s)?\s*$|^\d+$"},
+            {"type": "number", "exclusiveMinimum": 0},
+        ],
+        "description": "A duration: 90s, 20m, 1h30m, or seconds as a number.",
+    }),
+]
+
+NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_env(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not ENV_NAME_RE.match(key):
+            raise ValueError(f"'{key}' is not a valid environment variable name")
+    return value
+
+
+class ModelSpec(Strict):
+    id: str = Field(min_length=1, description=(
+        "Hugging Face repo id (org/name), a local directory holding config.json, "
+        f"or '{BUILTIN_TINY_MODEL}' (a tiny random model made on this machine)."))
+    precision: Precision = Field("bf16", description="Weights precision.")
+    max_model_len: int = Field(4096, gt=0, le=10_000_000, description="Context length vLLM must serve.")
+    revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit).")
+    quantization: str | None = Field(None, description=(
+        "vLLM --quantization method (awq, gptq, fp8, ...). Default: from the precision "
+        "and the checkpoint's own quantization_config."))
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    served_name: str | None = Field(None, description="Name the API serves the model under (default: id).")
+
+    @property
+    def name_served(self) -> str:
+        return self.served_name or self.id
+
+
+class ServerSpec(Strict):
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
+    env: dict[str, str] = Field(default_factory=dict)
+    port: int = Field(8000, ge=1, le=65535, description="Port vLLM listens on (on the instance's loopback).")
+    max_num_seqs: int | None = Field(None, gt=0)
+    tensor_parallel_size: int | None = Field(None, gt=0, description="Force a TP size (default: the plan's).")
+    launcher: Literal["auto", "vllm", "api_server"] = Field("auto", description=(
+        "'vllm' runs `vllm serve`; 'api_server' runs `python -m vllm.entrypoints.openai.api_server` "
+        "(the CPU build); 'auto' picks api_server for the built-in CPU image."))
+    python: str = Field("python3", description="Interpreter for the api_server launcher.")
+    health_timeout: Duration = Field(default=parse_duration("20m"))
+
+    _env_names = field_validator("env")(_check_env)
+
+
+class SuiteSpec(Strict):
+    command: str = Field(min_length=1, description="Shell command run on the instance.")
+    files: list[str] = Field(default_factory=list, description="Local paths (relative to the job file) uploaded first.")
+    timeout: Duration = Field(default=parse_duration("30m"))
+    image: str | None = Field(None, description="Run the suite in this image instead of the job's.")
+    setup: list[str] = Field(default_factory=list, description="Commands run before the suite (e.g. pip install pytest).")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    _env_names = field_validator("env")(_check_env)
+
+
+class SSHTarget(Strict):
+    host: str
+    port: int = Field(22, ge=1, le=65535)
+    user: str = "root"
+    key: str | None = Field(None, description="Private key file.")
+    workroot: str = "/tmp/ephemera"
+    gpus: list[dict[str, Any]] | None = Field(None, description="Declared GPUs when the host has no nvidia-smi.")
+
+
+class DockerOptions(Strict):
+    network: Literal["bridge", "host"] = "bridge"
+    shm_size: str = "1g"
+    exec: Literal["docker", "ssh"] = Field("docker", description="Run commands through the Docker API or SSH.")
+
+
+class AWSOptions(Strict):
+    ami: str | None = None
+    subnet_ids: list[str] = Field(default_factory=list)
+    security_group_id: str | None = None
+    ssh_cidr: str | None = None
+    key_name: str | None = None
+    ssh_user: str = "ubuntu"
+
+
+class ResourcesSpec(Strict):
+    provider: str | None = Field(None, description="aws | docker | ssh | local | any registered plugin (default: setting).")
+    max_price_per_hour: float | None = Field(None, gt=0)
+    spot: bool = False
+    spot_fallback: bool = Field(True, description="Fall back to on-demand when spot has no capacity.")
+    gpu: str | None = Field(None, description="Require this GPU model (e.g. L40S).")
+    instance_type: str | None = None
+    regions: list[str] = Field(default_factory=list)
+    disk_gib: int | None = Field(None, gt=0)
+    boot_timeout: Duration = Field(default=parse_duration("15m"))
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra labels/tags on every resource.")
+    ssh: SSHTarget | None = None
+    docker: DockerOptions = Field(default_factory=DockerOptions)
+    aws: AWSOptions = Field(default_factory=AWSOptions)
+    options: dict[str, Any] = Field(default_factory=dict, description="Options for third-party providers.")
+
+
+class Job(Strict):
+    name: str = Field(pattern=NAME_RE, description="Lower-case letters, digits and dashes.")
+    model: ModelSpec
+    image: str = Field(min_length=1, description=(
+        f"Container image with vLLM, 'host' (vLLM installed on the host), or '{BUILTIN_CPU_IMAGE}'."))
+    server: ServerSpec = Field(default_factory=ServerSpec)
+    suite: SuiteSpec
+    artifacts: list[str] = Field(default_factory=list, description="Paths on the instance pulled back after the suite.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for the server and the suite.")
+    timeout: Duration = Field(default=parse_duration("60m"), description="Deadline for the whole run, teardown included.")
+    tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides, deep-merged over the base.")
+
+    _env_names = field_validator("env")(_check_env)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key in value:
+            if not re.match(NAME_RE, key):
+                raise ValueError(f"tier name '{key}' must be lower-case letters, digits and dashes")
+        return value
+
+    def provider_name(self, default: str) -> str:
+        return self.resources.provider or default
+
+
+def job_json_schema() -> dict[str, Any]:
+    schema = Job.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ephemera job file"
+    return schema

@@ -1,0 +1,121 @@
+"""Settings that belong to the machine, not the job: where state, history and caches
+live, the default provider, cloud region, SSH defaults.
+
+Sources, highest first: ``EPHEMERA_*`` environment variables, then the TOML file named
+by ``EPHEMERA_CONFIG`` (default ``~/.config/ephemera/config.toml``), then defaults.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _config_file() -> Path:
+    env = os.environ.get("EPHEMERA_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_config_dir("ephemera")) / "config.toml"
+
+
+def _default_owner() -> str:
+    for var in ("GITHUB_ACTOR", "USER"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EPHEMERA_", extra="forbid")
+
+    state_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_state_dir("ephemera")),
+        description="Run state files (what `ephemera down` reads).",
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_data_dir("ephemera")),
+        description="Run history database and other lasting data.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_cache_dir("ephemera")),
+        description="CPU environment, tiny model, model configs, price caches.",
+    )
+    history_db: Path | None = Field(default=None, description="Run history (SQLite); default DATA_DIR/history.sqlite3.")
+    artifacts_dir: Path = Field(default=Path("ephemera-runs"), description="Where runs' artifacts are pulled to.")
+    default_provider: str = Field(default="local", description="Provider when the job names none.")
+    owner: str = Field(default_factory=_default_owner, description="Written into every instance's owner label.")
+    # AWS
+    aws_region: str | None = Field(default=None, description="Default AWS region (else the AWS chain's).")
+    aws_regions: list[str] = Field(default_factory=list, description="Regions to search/reap.")
+    aws_ami: str | None = Field(default=None, description="AMI id to use instead of the Deep Learning Base AMI.")
+    aws_subnet_id: str | None = None
+    aws_security_group_id: str | None = None
+    aws_ssh_cidr: str | None = Field(default=None, description="CIDR allowed to SSH in (default: this machine's public /32).")
+    aws_ssh_host_override: str | None = Field(default=None, description="Reach instances at this host[:port] (bastion forward, tests).")
+    aws_use_private_ip: bool = False
+    aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
+    # SSH provider
+    ssh_host: str | None = None
+    ssh_port: int = 22
+    ssh_user: str = "root"
+    ssh_key: Path | None = None
+    ssh_workroot: str = "/tmp/ephemera"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=_config_file()),
+        )
+
+    @property
+    def history_path(self) -> Path:
+        return self.history_db or (self.data_dir / "history.sqlite3")
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    """The settings of this process (read once). Raises ConfigError when invalid."""
+    from pydantic import ValidationError
+
+    from ephemera.errors import ConfigError
+
+    try:
+        return _cached()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"EPHEMERA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings ({_config_file()} or environment): {problems}") from None
+
+
+def reset_settings() -> None:
+    """Forget cached settings (tests change the environment)."""
+    _cached.cache_clear()
