@@ -144,7 +144,7 @@ class ResourcesSpec(Strict):
 
 
 class Job(Strict):
-    name: str = Field(pattern=NAME_RE, description="Lower-case letters, digits and dashes.")
+    name: str = Field(description="Lower-case letters, digits and dashes (at most 63).")
     model: ModelSpec
     image: str = Field(min_length=1, description=(
         f"Container image with vLLM, 'host' (vLLM installed on the host), or '{BUILTIN_CPU_IMAGE}'."))
@@ -157,6 +157,14 @@ class Job(Strict):
     tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides, deep-merged over the base.")
 
     _env_names = field_validator("env")(_check_env)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(NAME_RE, value):
+            raise ValueError("must be 1 to 63 lower-case letters, digits and dashes, "
+                             "starting and ending with a letter or digit")
+        return value
 
     @field_validator("tiers")
     @classmethod

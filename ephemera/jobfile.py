@@ -1,0 +1,427 @@
+"""Read a job file: YAML with line numbers, ``${VAR}`` expansion, tiers, and errors
+reported the way a compiler reports them (file:line:col, field path, expected vs
+found, every problem at once).
+
+The schema itself is in ``ephemera.job``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ephemera.errors import ConfigError
+from ephemera.job import Job
+
+Path_ = tuple[str | int, ...]
+
+MAX_JOB_FILE_BYTES = 1_000_000
+_VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int | None       # 1-based
+    column: int | None     # 1-based
+    path: str              # dotted field path ("suite.timeout"), "" for the whole file
+    message: str
+
+    def render(self, filename: str) -> str:
+        where = filename
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        field_part = f" {self.path}:" if self.path else ""
+        return f"{where}:{field_part} {self.message}"
+
+
+class JobFileError(ConfigError):
+    """A job file that cannot be used. ``problems`` lists every error found."""
+
+    kind = "invalid job file"
+
+    def __init__(self, filename: str, problems: list[Problem]) -> None:
+        self.filename = filename
+        self.problems = problems
+        lines = [p.render(filename) for p in problems]
+        count = f"{len(problems)} error{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{filename}: {count}\n" + "\n".join("  " + line for line in lines))
+
+
+@dataclass
+class LoadedJob:
+    job: Job
+    path: Path
+    tier: str | None
+    data: dict[str, Any]                       # the merged, expanded document
+    locations: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def location(self, path: Path_) -> tuple[int, int] | None:
+        return _nearest(self.locations, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_text(path: Path) -> str:
+    name = str(path)
+    if not path.exists():
+        raise JobFileError(name, [Problem(None, None, "", "no such file")])
+    if path.is_dir():
+        raise JobFileError(name, [Problem(None, None, "", "is a directory, not a job file")])
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise JobFileError(name, [Problem(None, None, "", f"cannot be read: {exc.strerror}")]) from None
+    if len(raw) > MAX_JOB_FILE_BYTES:
+        raise JobFileError(name, [Problem(None, None, "", f"is {len(raw)} bytes; a job file is at most {MAX_JOB_FILE_BYTES}")])
+    if b"\x00" in raw:
+        offset = raw.index(b"\x00")
+        line = raw[:offset].count(b"\n") + 1
+        raise JobFileError(name, [Problem(line, None, "", "contains a NUL byte: this is a binary file, not YAML")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise JobFileError(name, [Problem(line, None, "", f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    yaml = YAML(typ="rt")
+    try:
+        return yaml.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        what = " ".join(str(s) for s in (exc.problem, exc.context) if s)
+        if "duplicate key" in str(exc):
+            what = str(exc).split("\n")[-1].strip() or what
+            what = next((ln.strip() for ln in str(exc).splitlines() if "duplicate key" in ln), what)
+        line = mark.line + 1 if mark else None
+        col = mark.column + 1 if mark else None
+        raise JobFileError(name, [Problem(line, col, "", f"YAML syntax error: {what}")]) from None
+    except YAMLError as exc:
+        raise JobFileError(name, [Problem(None, None, "", f"YAML error: {exc}")]) from None
+
+
+def _plain(node: Any, path: Path_, locations: dict[Path_, tuple[int, int]]) -> Any:
+    """Convert ruamel's round-trip nodes to plain Python, recording where each value is."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(node, CommentedMap):
+        out: dict[str, Any] = {}
+        for key in node:
+            try:
+                line, col = node.lc.value(key)
+            except (KeyError, TypeError, AttributeError):
+                line, col = node.lc.line, node.lc.col
+            try:
+                kline, kcol = node.lc.key(key)
+            except (KeyError, TypeError, AttributeError):
+                kline, kcol = line, col
+            skey = str(key)
+            child_path = (*path, skey)
+            value = node[key]
+            # A nested mapping or list is best pointed at by its key; a scalar by its value.
+            if isinstance(value, CommentedMap | CommentedSeq):
+                locations[child_path] = (kline + 1, kcol + 1)
+            else:
+                locations[child_path] = (line + 1, col + 1)
+            locations[(*child_path, "<key>")] = (kline + 1, kcol + 1)
+            out[skey] = _plain(value, child_path, locations)
+        return out
+    if isinstance(node, CommentedSeq):
+        items = []
+        for index, value in enumerate(node):
+            try:
+                line, col = node.lc.item(index)
+                locations[(*path, index)] = (line + 1, col + 1)
+            except (KeyError, TypeError, AttributeError, IndexError):
+                pass
+            items.append(_plain(value, (*path, index), locations))
+        return items
+    if isinstance(node, str):
+        return str(node)
+    if isinstance(node, bool):
+        return bool(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
+    if node is None:
+        return None
+    return str(node)  # dates and other YAML types: keep the text
+
+
+def _nearest(locations: Mapping[Path_, tuple[int, int]], path: Path_) -> tuple[int, int] | None:
+    probe = tuple(path)
+    while probe:
+        if probe in locations:
+            return locations[probe]
+        probe = probe[:-1]
+    return None
+
+
+# ------------------------------------------------------------------------- ${VAR} expansion
+
+def expand_env(value: Any, env: Mapping[str, str], path: Path_, problems: list[tuple[Path_, str]]) -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+    An unset variable without a default is an error naming it."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, (*path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, (*path, i), problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        body = match.group(1)
+        name, sep, default = body.partition(":-")
+        if not _VAR_NAME.match(name):
+            problems.append((path, f"'${{{body}}}' is not a valid variable reference (write ${{NAME}} or ${{NAME:-default}})"))
+            return match.group(0)
+        if name in env and (env[name] != "" or not sep):
+            return env[name]
+        if sep:
+            return default
+        problems.append((path, f"environment variable {name} is not set (write ${{{name}:-default}} to allow that)"))
+        return match.group(0)
+
+    return _VAR.sub(replace, value)
+
+
+# ------------------------------------------------------------------------------- tiers
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_tier(data: dict[str, Any], tier: str, locations: dict[Path_, tuple[int, int]],
+                name: str) -> tuple[dict[str, Any], dict[Path_, tuple[int, int]]]:
+    tiers = data.get("tiers")
+    if not isinstance(tiers, dict) or tier not in tiers:
+        available = ", ".join(sorted(tiers)) if isinstance(tiers, dict) and tiers else "none defined"
+        loc = locations.get(("tiers",))
+        raise JobFileError(name, [Problem(loc[0] if loc else None, loc[1] if loc else None, "tiers",
+                                          f"unknown tier '{tier}' (available: {available})")])
+    override = tiers[tier]
+    if override is None:
+        override = {}
+    if not isinstance(override, dict):
+        loc = locations.get(("tiers", tier))
+        raise JobFileError(name, [Problem(loc[0] if loc else None, loc[1] if loc else None, f"tiers.{tier}",
+                                          f"a tier must be a mapping of overrides, found {_type_name(override)}")])
+    if "tiers" in override:
+        loc = locations.get(("tiers", tier, "tiers"))
+        raise JobFileError(name, [Problem(loc[0] if loc else None, loc[1] if loc else None, f"tiers.{tier}.tiers",
+                                          "a tier cannot define tiers")])
+    merged = deep_merge(data, override)
+    merged_locations = dict(locations)
+    prefix = ("tiers", tier)
+    for path, loc in locations.items():
+        if path[: len(prefix)] == prefix and len(path) > len(prefix):
+            merged_locations[path[len(prefix):]] = loc
+    return merged, merged_locations
+
+
+# ---------------------------------------------------------------------------- validation
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "a boolean", type(None): "nothing (null)"}.get(type(value), type(value).__name__)
+
+
+def _found(data: Any, path: Iterable[str | int]) -> Any:
+    node = data
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+_MISSING = object()
+
+
+def _allowed_keys(model: type, path: Path_) -> list[str] | None:
+    """Field names allowed at ``path`` (for 'unknown key' messages)."""
+    from pydantic import BaseModel
+
+    current: Any = model
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return None
+        current = _model_in(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pydantic_problems(exc: ValidationError, data: dict[str, Any],
+                       locations: Mapping[Path_, tuple[int, int]], prefix: str = "") -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        dotted = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        found = _found(data, loc)
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(Job, loc[:-1])
+            message = f"unknown key '{loc[-1]}'"
+            if allowed:
+                message += f" (allowed here: {', '.join(allowed)})"
+            where = locations.get((*loc, "<key>")) or _nearest(locations, loc)
+        elif kind == "missing":
+            message = "required field is missing"
+            where = _nearest(locations, loc[:-1]) if loc[:-1] else None
+            if where is None and not loc[:-1]:
+                where = (1, 1)
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            message = msg
+            if found is not _MISSING and kind not in ("value_error",):
+                message += f"; found {_type_name(found)} {_short(found)}"
+            elif found is not _MISSING and "found" not in msg:
+                message += f"; found {_short(found)}"
+            where = _nearest(locations, loc)
+        line, col = where if where else (None, None)
+        problems.append(Problem(line, col, prefix + dotted, message))
+    return problems
+
+
+def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
+                       locations: Mapping[Path_, tuple[int, int]], check_provider: bool,
+                       prefix: str = "") -> list[Problem]:
+    """Checks beyond the schema: provider known, suite files present."""
+    problems = []
+
+    def at(path: Path_, message: str) -> None:
+        where = _nearest(locations, path)
+        problems.append(Problem(where[0] if where else None, where[1] if where else None,
+                                prefix + ".".join(str(p) for p in path), message))
+
+    if check_provider and job.resources.provider:
+        from ephemera.registry import provider_names
+
+        known = provider_names()
+        if job.resources.provider not in known:
+            at(("resources", "provider"),
+               f"unknown provider '{job.resources.provider}' (registered: {', '.join(known) or 'none'})")
+    for index, entry in enumerate(job.suite.files):
+        candidate = (base_dir / entry) if not os.path.isabs(entry) else Path(entry)
+        if not candidate.exists():
+            at(("suite", "files", index), f"'{entry}' does not exist (looked for {candidate})")
+    return problems
+
+
+def _validate(data: dict[str, Any], locations: dict[Path_, tuple[int, int]], base_dir: Path,
+              check_provider: bool, prefix: str = "") -> tuple[Job | None, list[Problem]]:
+    try:
+        job = Job.model_validate(data)
+    except ValidationError as exc:
+        return None, _pydantic_problems(exc, data, locations, prefix)
+    return job, _semantic_problems(job, data, base_dir, locations, check_provider, prefix)
+
+
+def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str] | None = None,
+             check_provider: bool = True, check_all_tiers: bool = True) -> LoadedJob:
+    """Read, expand, merge and validate a job file. Raises JobFileError listing every
+    problem (also those in tiers not selected, unless ``check_all_tiers`` is False)."""
+    path = Path(path)
+    name = str(path)
+    text = _read_text(path)
+    tree = _parse_yaml(text, name)
+    if tree is None:
+        raise JobFileError(name, [Problem(None, None, "", "the file is empty: a job needs at least name, model, image and suite")])
+    locations: dict[Path_, tuple[int, int]] = {}
+    raw = _plain(tree, (), locations)
+    if not isinstance(raw, dict):
+        raise JobFileError(name, [Problem(1, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
+
+    env_problems: list[tuple[Path_, str]] = []
+    data = expand_env(raw, os.environ if env is None else env, (), env_problems)
+    problems = [Problem(*(_nearest(locations, p) or (None, None)), ".".join(str(x) for x in p), m)
+                for p, m in env_problems]
+
+    base_dir = path.resolve().parent
+    tiers = data.get("tiers") if isinstance(data.get("tiers"), dict) else {}
+    if tier is not None:
+        merged, merged_locations = _apply_tier(data, tier, locations, name)
+    else:
+        merged, merged_locations = data, locations
+    job, found = _validate(merged, merged_locations, base_dir, check_provider,
+                           prefix="" if tier is None else "")
+    problems.extend(found)
+
+    if check_all_tiers and isinstance(tiers, dict):
+        for other in tiers:
+            if other == tier:
+                continue
+            try:
+                other_data, other_locations = _apply_tier(data, other, locations, name)
+            except JobFileError as exc:
+                problems.extend(exc.problems)
+                continue
+            _, tier_problems = _validate(other_data, other_locations, base_dir, check_provider,
+                                         prefix=f"[tier {other}] ")
+            # Problems the base already has are reported once.
+            seen = {(p.line, p.column, p.message) for p in problems}
+            problems.extend(p for p in tier_problems if (p.line, p.column, p.message) not in seen)
+
+    if problems or job is None:
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        raise JobFileError(name, problems)
+    return LoadedJob(job=job, path=path, tier=tier, data=merged, locations=merged_locations)
