@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
@@ -13,6 +14,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 90s, 20m or 1h30m, found a boolean")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number of seconds, found {value}")
         if value <= 0:
             raise ValueError(f"a duration must be positive, found {value}")
         return float(value)
@@ -34,6 +37,8 @@ def parse_duration(value: object) -> float:
             pos = match.end()
         if pos != len(text) or not seen:
             raise ValueError(f"'{value}' is not a duration: write e.g. 90s, 20m or 1h30m")
+    if not math.isfinite(seconds):
+        raise ValueError(f"'{value}' is too large for a duration")
     if seconds <= 0:
         raise ValueError(f"a duration must be positive, found '{value}'")
     return seconds

@@ -87,6 +87,8 @@ def _read_text(path: Path) -> str:
         raise JobFileError(name, [Problem(None, None, "", f"cannot be read: {exc.strerror}")]) from None
     if len(raw) > MAX_JOB_FILE_BYTES:
         raise JobFileError(name, [Problem(None, None, "", f"is {len(raw)} bytes; a job file is at most {MAX_JOB_FILE_BYTES}")])
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise JobFileError(name, [Problem(1, None, "", "is UTF-16 text; save it as UTF-8")])
     if b"\x00" in raw:
         offset = raw.index(b"\x00")
         line = raw[:offset].count(b"\n") + 1
@@ -110,15 +112,31 @@ def _parse_yaml(text: str, name: str) -> Any:
         return yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(str(s) for s in (exc.problem, exc.context) if s)
+        parts = (exc.problem, exc.context)
+        if exc.problem and str(exc.problem).startswith("but "):
+            parts = (exc.context, exc.problem)  # "expected X" reads before "but found Y"
+        what = " ".join(str(s) for s in parts if s)
         if "duplicate key" in str(exc):
             what = str(exc).split("\n")[-1].strip() or what
             what = next((ln.strip() for ln in str(exc).splitlines() if "duplicate key" in ln), what)
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
+        start = exc.context_mark
+        if mark is not None and start is not None and start.line != mark.line:
+            # An unclosed quote or bracket fails far from where it was opened.
+            what += f" (started at line {start.line + 1}, column {start.column + 1})"
         raise JobFileError(name, [Problem(line, col, "", f"YAML syntax error: {what}")]) from None
     except YAMLError as exc:
         raise JobFileError(name, [Problem(None, None, "", f"YAML error: {exc}")]) from None
+
+
+def _first_content_line(text: str) -> int:
+    """1-based line of the first thing that is not blank, a comment or a directive."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(("#", "%", "---")):
+            return number
+    return 1
 
 
 def _plain(node: Any, path: Path_, locations: dict[Path_, tuple[int, int]]) -> Any:
@@ -337,6 +355,11 @@ def _pydantic_problems(exc: ValidationError, data: dict[str, Any],
             elif found is not _MISSING and "found" not in msg:
                 message += f"; found {_short(found)}"
             where = _nearest(locations, loc)
+            if isinstance(found, dict):
+                # A validator that names one bad key: point at that key, not the mapping.
+                named = [k for k in found if f"'{k}'" in msg and (*loc, k, "<key>") in locations]
+                if named:
+                    where = locations[(*loc, named[0], "<key>")]
         line, col = where if where else (None, None)
         problems.append(Problem(line, col, prefix + dotted, message))
     return problems
@@ -389,7 +412,8 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     locations: dict[Path_, tuple[int, int]] = {}
     raw = _plain(tree, (), locations)
     if not isinstance(raw, dict):
-        raise JobFileError(name, [Problem(1, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
+        line = _first_content_line(text)
+        raise JobFileError(name, [Problem(line, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
 
     env_problems: list[tuple[Path_, str]] = []
     data = expand_env(raw, os.environ if env is None else env, (), env_problems)
@@ -413,7 +437,9 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
             try:
                 other_data, other_locations = _apply_tier(data, other, locations, name)
             except JobFileError as exc:
-                problems.extend(exc.problems)
+                # The schema check of the base may already have reported this spot.
+                known = {(p.line, p.column, p.path) for p in problems}
+                problems.extend(p for p in exc.problems if (p.line, p.column, p.path) not in known)
                 continue
             _, tier_problems = _validate(other_data, other_locations, base_dir, check_provider,
                                          prefix=f"[tier {other}] ")
