@@ -1,0 +1,38 @@
+"""Terminate leftover instances whose ephemera labels say they have expired."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+
+import click
+
+
+@click.command("reap")
+@click.option("--provider", "providers", multiple=True, help="Only this provider (repeatable). Default: all usable.")
+@click.option("--owner", help="Only instances whose owner label is this.")
+@click.option("--dry-run", is_flag=True, help="List what would be terminated; touch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def command(providers: tuple[str, ...], owner: str | None, dry_run: bool, as_json: bool) -> None:
+    """Terminate leftover instances whose ephemera labels say they have expired.
+
+    Only instances carrying ephemera's labels with an expires-at in the past (and
+    the given owner, if any) are touched, so it is safe to run with no settings.
+    """
+    from ephemera.errors import EXIT_TEARDOWN_FAILED
+    from ephemera.reaper import reap
+
+    now = datetime.now(UTC)
+    log = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    report = reap(list(providers) or None, owner=owner, dry_run=dry_run, now=now, log=log)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for item in report.expired:
+            verb = "would terminate" if dry_run else ("terminated" if item["verified"] else "NOT VERIFIED")
+            click.echo(f"{verb}: {item['provider']} {item['id']} (run {item['run_id']}, expired {item['expires_at']})")
+        click.echo(f"{len(report.expired)} expired, {report.kept} not expired, "
+                   f"{len(report.skipped)} provider(s) skipped", err=True)
+    if any(not item["verified"] for item in report.expired) and not dry_run:
+        sys.exit(EXIT_TEARDOWN_FAILED)

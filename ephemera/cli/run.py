@@ -1,0 +1,66 @@
+"""Run a job: plan, provision, serve, test, collect, and always tear down."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("run")
+@click.argument("job_file", type=click.Path(path_type=str))
+@click.option("--tier", help="Apply this tier's overrides from the job file.")
+@click.option("--provider", "provider_name", help="Use this provider instead of the job's.")
+@click.option("--catalog", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Plan from this catalog CSV instead of the provider's offers.")
+@click.option("--dry-run", is_flag=True, help="Show the plan, the vLLM and suite commands; launch nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
+def command(job_file: str, tier: str | None, provider_name: str | None, catalog: Path | None,
+            dry_run: bool, as_json: bool) -> None:
+    """Run a job: plan, provision, serve, test, collect, and always tear down.
+
+    Exit codes: 0 the suite passed, 1 it failed, 2 bad input, 3 infrastructure
+    failure, 4 timeout, 5 teardown not verified, 128+N stopped by signal N.
+    """
+    from ephemera.controller import Run
+    from ephemera.jobfile import load_job
+    from ephemera.progress import Reporter
+    from ephemera.settings import get_settings
+
+    settings = get_settings()
+    loaded = load_job(job_file, tier=tier, check_provider=provider_name is None)
+    if provider_name:
+        from ephemera.registry import load_provider_class
+
+        load_provider_class(provider_name)  # unknown/broken plugin: exit 2 before anything
+    reporter = Reporter()
+    run = Run(loaded, settings=settings, reporter=reporter, provider_name=provider_name, catalog=catalog)
+    if dry_run:
+        result = run.dry_run()
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            plan = result.plan
+            offer = plan.offer
+            click.echo(f"plan:   {offer.provider} {offer.instance_type} ({offer.gpu_count} x {offer.gpu or 'CPU'}) "
+                       f"region {offer.region or '-'}, tensor parallel {plan.tensor_parallel_size}, "
+                       f"${offer.price_per_hour:.4f}/h")
+            click.echo(f"server: {result.server_command}")
+            click.echo(f"suite:  {result.suite_command}")
+            click.echo("nothing was launched (--dry-run)")
+        return
+    result = run.execute()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        cost = result.cost or {}
+        usd = cost.get("usd", cost.get("cost_usd"))
+        line = f"{result.status.upper()}: {result.message}"
+        if usd is not None:
+            line += f" | cost ${usd:.4f}"
+        if result.artifacts_dir:
+            line += f" | artifacts {result.artifacts_dir}"
+        click.echo(line, err=True)
+    sys.exit(result.exit_code)

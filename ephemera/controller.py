@@ -1,0 +1,661 @@
+"""The run controller: plan -> provision -> boot -> upload -> server start -> health
+-> suite -> collect -> teardown -> report.
+
+It owns every wait, deadline and retry, and the one guarantee users care most
+about: teardown runs after success, failure, any exception, a phase timeout, the
+job's deadline, SIGINT, SIGTERM and SIGHUP. A second signal does not abort the
+teardown. The state file written before the launch lets ``ephemera down`` finish
+the job from another process if this one is killed outright.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shlex
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ephemera import errors
+from ephemera.errors import (
+    ConfigError,
+    EphemeraError,
+    Interrupted,
+    PhaseTimeoutError,
+    ServerFailedError,
+)
+from ephemera.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL, Job
+from ephemera.jobfile import LoadedJob
+from ephemera.progress import Reporter
+from ephemera.provider import (
+    Instance,
+    LaunchSpec,
+    Offer,
+    Provider,
+    format_time,
+    make_labels,
+)
+from ephemera.remote import Remote
+from ephemera.server import ServerCommand, build_server_command, check_health
+from ephemera.settings import Settings
+from ephemera.state import RunState, save_state
+
+# Providers whose instance runs the job's image itself (no container inside).
+_IMAGE_PROVIDERS = {"docker", "local"}
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
+EXPIRY_GRACE = timedelta(minutes=5)
+SERVER_LOG_TAIL = 50
+
+
+def new_run_id(job_name: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"{job_name[:30].rstrip('-')}-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    ok: bool = False
+
+    @property
+    def seconds(self) -> float:
+        end = self.ended_at or datetime.now(UTC)
+        return (end - self.started_at).total_seconds()
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str                    # passed | failed | error | timeout | interrupted | dry-run
+    exit_code: int
+    job: str
+    tier: str | None
+    provider: str
+    instance_type: str | None = None
+    region: str | None = None
+    artifacts_dir: str | None = None
+    message: str = ""
+    phases: list[PhaseRecord] = field(default_factory=list)
+    plan: Any = None
+    cost: dict[str, Any] | None = None
+    teardown_verified: bool | None = None
+    server_command: str | None = None
+    suite_command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "job": self.job,
+            "tier": self.tier,
+            "provider": self.provider,
+            "instance_type": self.instance_type,
+            "region": self.region,
+            "artifacts_dir": self.artifacts_dir,
+            "message": self.message,
+            "phases": [{"name": p.name, "seconds": round(p.seconds, 3), "ok": p.ok} for p in self.phases],
+            "cost": self.cost,
+            "teardown_verified": self.teardown_verified,
+            "server_command": self.server_command,
+            "suite_command": self.suite_command,
+            "plan": self.plan.to_dict() if hasattr(self.plan, "to_dict") else self.plan,
+        }
+
+
+class Run:
+    """One execution of a job. Use ``execute()`` once."""
+
+    def __init__(self, loaded: LoadedJob, *, settings: Settings, reporter: Reporter,
+                 provider_name: str | None = None, catalog: Path | None = None,
+                 run_id: str | None = None) -> None:
+        self.loaded = loaded
+        self.job: Job = loaded.job
+        self.settings = settings
+        self.reporter = reporter
+        self.provider_name = provider_name or self.job.provider_name(settings.default_provider)
+        self.catalog = catalog
+        self.run_id = run_id or new_run_id(self.job.name)
+        self.started = time.monotonic()
+        self.started_at = datetime.now(UTC)
+        self.deadline = self.started + self.job.timeout
+        # Leave room for collect + teardown inside the job's deadline.
+        self.teardown_reserve = min(max(30.0, 0.2 * self.job.timeout), 300.0)
+        self.work_deadline = self.deadline - self.teardown_reserve
+        self.artifacts_dir = (settings.artifacts_dir / self.run_id).resolve()
+        self.phases: list[PhaseRecord] = []
+        self.provider: Provider | None = None
+        self.instance: Instance | None = None
+        self.offer: Offer | None = None
+        self.plan: Any = None
+        self.remote: Remote | None = None
+        self.server_handle: str | None = None
+        self.state: RunState | None = None
+        self.launched_at: datetime | None = None
+        self.terminated_at: datetime | None = None
+        self.ssh_key_dir: Path | None = None
+        self.workdir = ""
+        self.python = self.job.server.python
+        self.path_prefix: str | None = None
+        self._signal: int | None = None
+        self._in_teardown = False
+        self._defer_signals = False
+        self._pending_signal: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self.server_cmd: ServerCommand | None = None
+        self.secrets: list[str] = []
+
+    # ---------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._in_teardown:
+            self.reporter.warn(f"{name} received during teardown: teardown continues (it is what stops the billing)")
+            return
+        if self._signal is not None:
+            self.reporter.warn(f"{name} received again: skipping to teardown")
+            if self._phase_name() == "collect":
+                raise Interrupted(signum, name)
+            return
+        self._signal = signum
+        if self._defer_signals:
+            self._pending_signal = signum
+            self.reporter.warn(f"{name} received: stopping after the launch call returns, then tearing down")
+            return
+        self.reporter.warn(f"{name} received: stopping and tearing down")
+        raise Interrupted(signum, name)
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+
+    @contextmanager
+    def _deferred_signals(self) -> Iterator[None]:
+        """Hold signals while a launch call is in flight, so its result is recorded."""
+        self._defer_signals = True
+        try:
+            yield
+        finally:
+            self._defer_signals = False
+        if self._pending_signal is not None:
+            signum, self._pending_signal = self._pending_signal, None
+            raise Interrupted(signum, signal.Signals(signum).name)
+
+    # ---------------------------------------------------------------- phases
+    def _phase_name(self) -> str | None:
+        open_phases = [p for p in self.phases if p.ended_at is None]
+        return open_phases[-1].name if open_phases else None
+
+    @contextmanager
+    def phase(self, name: str, detail: str = "") -> Iterator[PhaseRecord]:
+        record = PhaseRecord(name=name, started_at=datetime.now(UTC))
+        self.phases.append(record)
+        try:
+            with self.reporter.phase(name, detail):
+                yield record
+            record.ok = True
+        finally:
+            record.ended_at = datetime.now(UTC)
+
+    def phase_deadline(self, phase: str, seconds: float | None) -> tuple[float, float, bool]:
+        """(deadline, seconds allowed, limited_by_job) for a phase with its own timeout."""
+        now = time.monotonic()
+        own = now + seconds if seconds else self.work_deadline
+        if own <= self.work_deadline:
+            return own, seconds or (self.work_deadline - now), False
+        return self.work_deadline, max(0.0, self.work_deadline - now), True
+
+    def _timeout_error(self, phase: str, seconds: float, by_job: bool, what: str) -> PhaseTimeoutError:
+        if by_job:
+            from ephemera.durations import format_duration
+
+            return PhaseTimeoutError(phase, seconds,
+                                     f"the job's deadline ({format_duration(self.job.timeout)}, "
+                                     f"teardown included) ran out during phase '{phase}': {what}")
+        return PhaseTimeoutError(phase, seconds, f"phase '{phase}' ran out after {seconds:.0f}s: {what}")
+
+    # ---------------------------------------------------------------- helpers
+    def _log(self, message: str) -> None:
+        self.reporter.info(message)
+
+    def _redact(self, line: str) -> str:
+        for value in self.secrets:
+            if value and value in line:
+                line = line.replace(value, "***")
+        return line
+
+    def _write_state(self, status: str) -> None:
+        if self.state is None:
+            return
+        self.state.status = status
+        self.state.instance = self.instance
+        save_state(self.settings.state_dir, self.state)
+
+    def _with_path(self, command: str) -> str:
+        if self.path_prefix:
+            return f'export PATH={shlex.quote(self.path_prefix)}:"$PATH"; {command}'
+        return command
+
+    def _check_stop(self) -> None:
+        if time.monotonic() > self.work_deadline:
+            raise self._timeout_error(self._phase_name() or "run", self.job.timeout, True, "no time left")
+
+    # ---------------------------------------------------------------- stages
+    def make_plan(self) -> Any:
+        from ephemera.plan import make_plan, offers_for_job
+
+        offers = offers_for_job(self.job, catalog=self.catalog, provider_name=self.provider_name)
+        return make_plan(self.job, offers, provider=self.provider_name)
+
+    def _model_source(self) -> tuple[Path | None, str]:
+        """(local directory to upload or None, what vLLM loads when it is not uploaded)."""
+        model_id = self.job.model.id
+        if model_id == BUILTIN_TINY_MODEL:
+            from ephemera.tiny_model import ensure_tiny_model
+
+            return ensure_tiny_model(self._log), ""
+        candidate = Path(model_id).expanduser()
+        if not candidate.is_absolute():
+            candidate = self.loaded.base_dir / candidate
+        if candidate.is_dir():
+            return candidate, ""
+        return None, model_id
+
+    def _prepare_environment(self) -> str:
+        """Resolve the image for the provider (building the built-in CPU one when asked).
+        Returns the image to launch."""
+        image = self.job.image
+        builtin = image.split(":")[0] == BUILTIN_CPU_IMAGE
+        if self.provider_name == "local":
+            if builtin:
+                from ephemera.cpu_env import ensure_cpu_env
+
+                python = Path(ensure_cpu_env(self._log))
+                self.python = str(python)
+                self.path_prefix = str(python.parent)
+            elif image != "host":
+                raise ConfigError(f"image: the local provider runs on this machine; use 'host' (vLLM installed "
+                                  f"here) or '{BUILTIN_CPU_IMAGE}' (the built-in CPU environment), not '{image}'")
+            return image
+        if builtin:
+            if self.provider_name == "docker":
+                from ephemera.cpu_image import ensure_cpu_image
+
+                image = ensure_cpu_image(self._log)
+                self.python = "python3"
+                return image
+            raise ConfigError(f"image: '{BUILTIN_CPU_IMAGE}' is built on this machine and can be used with the "
+                              f"local and docker providers; on '{self.provider_name}' use 'host' or a registry image")
+        return image
+
+    def _launch_spec(self, offer: Offer, image: str, public_key: str | None,
+                     private_key: str | None) -> LaunchSpec:
+        expires_at = datetime.now(UTC) + timedelta(seconds=self.job.timeout) + EXPIRY_GRACE
+        labels = make_labels(self.run_id, self.job.name, self.settings.owner, expires_at)
+        labels.update({k: v for k, v in self.job.resources.tags.items() if k not in labels})
+        tp = self.plan.tensor_parallel_size if self.plan is not None else 1
+        options = self.job.resources.model_dump(mode="json")
+        return LaunchSpec(
+            run_id=self.run_id, job_name=self.job.name, offer=offer, image=image, labels=labels,
+            expires_at=expires_at, ssh_public_key=public_key, ssh_private_key_path=private_key,
+            disk_gib=self.job.resources.disk_gib, gpu_count=max(tp, offer.gpu_count) if offer.gpu_count else 0,
+            ports=(self.job.server.port,), env={}, options=options,
+        )
+
+    def provision(self, image: str) -> None:
+        from ephemera.provision import launch_with_failover, wait_ready
+
+        assert self.provider is not None
+        public_key = private_key = None
+        if getattr(self.provider, "needs_ssh_key", False):
+            from ephemera.ssh import generate_keypair
+
+            self.ssh_key_dir = self.settings.state_dir / "keys" / self.run_id
+            private_path, public_key = generate_keypair(self.ssh_key_dir)
+            private_key = str(private_path)
+        offers = [self.plan.offer] + [getattr(o, "offer", o) for o in getattr(self.plan, "runners_up", [])]
+
+        def before_launch(spec: LaunchSpec) -> None:
+            if self.state is None:
+                self.state = RunState(run_id=self.run_id, job=self.job.name, provider=self.provider_name,
+                                      labels=dict(spec.labels), expires_at=spec.expires_at,
+                                      ssh_key_path=private_key, artifacts_dir=str(self.artifacts_dir))
+            else:
+                self.state.labels = dict(spec.labels)
+                self.state.expires_at = spec.expires_at
+            self._write_state("launching")
+
+        with self.phase("provision", f"{self.provider_name} {self.plan.offer.instance_type}"):
+            with self._deferred_signals():
+                self.launched_at = datetime.now(UTC)
+                self.instance, self.offer = launch_with_failover(
+                    self.provider, offers, lambda offer: self._launch_spec(offer, image, public_key, private_key),
+                    log=self._log, before_launch=before_launch)
+                self._write_state("active")
+            self._log(f"launched {self.instance.id} ({self.offer.instance_type}, "
+                      f"{self.offer.region or 'local'}); state file: {self.settings.state_dir / 'runs'}")
+        deadline, seconds, by_job = self.phase_deadline("boot", self.job.resources.boot_timeout)
+        with self.phase("boot"):
+            try:
+                self.instance = wait_ready(self.provider, self.instance, deadline=deadline,
+                                           phase_seconds=seconds, log=self._log)
+            except PhaseTimeoutError as exc:
+                raise self._timeout_error("boot", seconds, by_job, exc.message) from None
+            self._write_state("active")
+
+    def upload(self, model_dir: Path | None) -> str:
+        assert self.remote is not None and self.instance is not None
+        wd = self.workdir
+        with self.phase("upload"):
+            result = self.remote.run(f"mkdir -p {shlex.quote(wd)}/suite {shlex.quote(wd)}/artifacts "
+                                     f"{shlex.quote(wd)}/logs {shlex.quote(wd)}/model", timeout=60)
+            if not result.ok:
+                raise errors.RemoteCommandError(f"could not create the run directory {wd} on the instance: "
+                                                f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
+            for entry in self.job.suite.files:
+                local = Path(entry) if os.path.isabs(entry) else self.loaded.base_dir / entry
+                relative = Path(entry).name if os.path.isabs(entry) else os.path.normpath(entry)
+                target = f"{wd}/suite/{relative}"
+                self.remote.run(f"mkdir -p {shlex.quote(os.path.dirname(target))}", timeout=60)
+                self.remote.put(local, target, timeout=600)
+            if model_dir is not None:
+                self.remote.put(model_dir, f"{wd}/model", timeout=1800)
+                return f"{wd}/model"
+        return ""
+
+    def server_env(self) -> dict[str, str]:
+        env = {**self.job.env, **self.job.server.env}
+        if self.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        return env
+
+    def start_server(self, model_path: str) -> None:
+        assert self.remote is not None
+        bind = "127.0.0.1"
+        if self.provider_name == "docker" and self.job.resources.docker.network == "bridge":
+            bind = "0.0.0.0"  # inside the container; the engine publishes it on the host's 127.0.0.1
+        tp = self.plan.tensor_parallel_size if self.plan is not None else 1
+        self.server_cmd = build_server_command(self.job, model_path=model_path, tensor_parallel_size=tp,
+                                               python=self.python, host=bind)
+        with self.phase("server start"):
+            self._log(f"vLLM: {self.server_cmd.shell}")
+            self.server_handle = self.remote.start(self._with_path(self.server_cmd.shell),
+                                                   env=self.server_env(), cwd=self.workdir,
+                                                   log_file=f"{self.workdir}/logs/vllm.log")
+
+    def _server_log_tail(self, lines: int = SERVER_LOG_TAIL) -> str:
+        if self.remote is None:
+            return ""
+        try:
+            result = self.remote.run(f"tail -n {lines} {shlex.quote(self.workdir)}/logs/vllm.log", timeout=15)
+            return self._redact(result.output_tail)
+        except Exception as exc:  # noqa: BLE001
+            return f"(could not read the server log: {exc})"
+
+    def wait_healthy(self) -> None:
+        assert self.remote is not None and self.server_cmd is not None and self.server_handle
+        deadline, seconds, by_job = self.phase_deadline("health", self.job.server.health_timeout)
+        with self.phase("health", f"/health and /v1/models on port {self.server_cmd.port}"):
+            local_port = self.remote.forward(self.server_cmd.port)
+            base = f"http://127.0.0.1:{local_port}"
+            self.base_url = base
+            next_alive_check = 0.0
+            last_detail = ""
+            while True:
+                health = check_health(base, self.server_cmd.served_name, timeout=2.0)
+                if health.ready:
+                    self._log(f"vLLM is ready at {base} (model {self.server_cmd.served_name})")
+                    return
+                last_detail = health.detail
+                now = time.monotonic()
+                if now >= next_alive_check:
+                    if not self.remote.is_running(self.server_handle):
+                        tail = self._server_log_tail()
+                        raise ServerFailedError(
+                            f"vLLM exited while starting. Last {SERVER_LOG_TAIL} lines of its log "
+                            f"({self.artifacts_dir / 'vllm.log'}):\n{tail}")
+                    next_alive_check = now + 2.0
+                if now + 0.5 > deadline:
+                    tail = self._server_log_tail(20)
+                    raise self._timeout_error("health", seconds, by_job,
+                                              f"vLLM did not become healthy (last check: {last_detail}). "
+                                              f"Last lines of its log:\n{tail}")
+                time.sleep(0.5)
+
+    def suite_env(self) -> dict[str, str]:
+        assert self.server_cmd is not None
+        return {
+            **self.job.env, **self.job.suite.env,
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{self.server_cmd.port}/v1",
+            "OPENAI_API_KEY": self.job.suite.env.get("OPENAI_API_KEY", "EMPTY"),
+            "EPHEMERA_MODEL": self.server_cmd.served_name,
+            "EPHEMERA_ARTIFACTS": f"{self.workdir}/artifacts",
+            "EPHEMERA_RUN_ID": self.run_id,
+        }
+
+    def suite_command(self) -> str:
+        parts = [*self.job.suite.setup, self.job.suite.command]
+        return " && ".join(f"( {p} )" if len(parts) > 1 else p for p in parts)
+
+    def run_suite(self) -> int:
+        assert self.remote is not None
+        deadline, seconds, by_job = self.phase_deadline("suite", self.job.suite.timeout)
+        command = self.suite_command()
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        with self.phase("suite", self.job.suite.command):
+            with self.reporter.group(f"suite output ({self.job.suite.command})"):
+                result = self.remote.run(
+                    self._with_path(command), env=self.suite_env(), cwd=f"{self.workdir}/suite",
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    on_line=lambda line: self.reporter.line(self._redact(line), "suite"),
+                    log_path=self.artifacts_dir / "suite.log")
+            if result.timed_out:
+                raise self._timeout_error("suite", seconds, by_job,
+                                          f"the suite was stopped; its output is in {self.artifacts_dir / 'suite.log'}")
+            self._log(f"suite exited with status {result.exit_status}")
+            return result.exit_status if result.exit_status is not None else 1
+
+    def collect(self, budget: float) -> None:
+        if self.remote is None:
+            return
+        deadline = time.monotonic() + budget
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        wd = self.workdir
+        wanted = [(f"{wd}/logs/vllm.log", self.artifacts_dir),
+                  (f"{wd}/artifacts", self.artifacts_dir)]
+        for entry in self.job.artifacts:
+            remote_path = entry if entry.startswith("/") else f"{wd}/suite/{entry}"
+            wanted.append((remote_path, self.artifacts_dir))
+        with self.phase("collect"):
+            for remote_path, local in wanted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.reporter.warn(f"no time left to collect {remote_path}")
+                    continue
+                try:
+                    got = self.remote.get(remote_path, local, timeout=left)
+                    if not got and not remote_path.endswith("/artifacts"):
+                        self.reporter.warn(f"artifact {remote_path} was not found on the instance")
+                except Interrupted:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - collect is best effort, teardown must follow
+                    self.reporter.warn(f"could not collect {remote_path}: {type(exc).__name__}: {exc}")
+            self._log(f"artifacts in {self.artifacts_dir}")
+
+    def teardown(self) -> bool:
+        from ephemera.teardown import teardown_run
+
+        self._in_teardown = True
+        if self.provider is None or self.state is None:
+            return True
+        left = self.deadline - time.monotonic()
+        timeout = max(left, 120.0)  # never cut teardown short: a leaked machine costs more than a late exit
+        with self.phase("teardown"):
+            self._write_state("tearing-down")
+            if self.remote is not None:
+                try:
+                    if self.server_handle:
+                        self.remote.stop(self.server_handle, grace=2.0)
+                except Exception as exc:  # noqa: BLE001
+                    self._log(f"stopping vLLM: {type(exc).__name__}: {exc} (the instance goes anyway)")
+                try:
+                    self.remote.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
+            self.terminated_at = datetime.now(UTC)
+            if result.verified:
+                self._write_state("terminated")
+                self._log(f"teardown verified: nothing of run {self.run_id} is left "
+                          f"({', '.join(result.terminated) or 'no instance'})")
+                if self.ssh_key_dir is not None:
+                    import shutil
+
+                    shutil.rmtree(self.ssh_key_dir, ignore_errors=True)
+            else:
+                self._write_state("teardown-failed")
+                self.reporter.error("teardown NOT verified: " + "; ".join(result.problems)
+                                    + f". Run `ephemera down {self.run_id}` to finish it.")
+            return result.verified
+
+    # ---------------------------------------------------------------- main
+    def dry_run(self) -> RunResult:
+        with self.phase("plan"):
+            self.plan = self.make_plan()
+        uploaded = self.job.model.id == BUILTIN_TINY_MODEL or (self.loaded.base_dir / self.job.model.id).is_dir()
+        model_path = "<run dir>/model" if uploaded else self.job.model.id
+        python = self.job.server.python
+        if self.provider_name == "local" and self.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
+            python = "<ephemera CPU environment>/bin/python"
+        cmd = build_server_command(self.job, model_path=model_path,
+                                   tensor_parallel_size=self.plan.tensor_parallel_size, python=python)
+        result = self._result("dry-run", 0, "nothing was launched")
+        result.server_command = cmd.shell
+        result.suite_command = self.suite_command()
+        return result
+
+    def _result(self, status: str, code: int, message: str) -> RunResult:
+        offer = self.offer or (self.plan.offer if self.plan is not None else None)
+        return RunResult(
+            run_id=self.run_id, status=status, exit_code=code, job=self.job.name, tier=self.loaded.tier,
+            provider=self.provider_name, instance_type=offer.instance_type if offer else None,
+            region=offer.region if offer else None,
+            artifacts_dir=str(self.artifacts_dir) if self.artifacts_dir.exists() else None,
+            message=message, phases=self.phases, plan=self.plan,
+            server_command=self.server_cmd.shell if self.server_cmd else None,
+            suite_command=self.suite_command(),
+        )
+
+    def execute(self) -> RunResult:
+        from ephemera.registry import get_provider
+
+        self.reporter.info(f"run {self.run_id}: job {self.job.name}"
+                           + (f" (tier {self.loaded.tier})" if self.loaded.tier else "")
+                           + f" on provider {self.provider_name}")
+        self.secrets = [v for k, v in {**self.job.env, **self.job.suite.env, **self.job.server.env}.items()
+                        if _SECRET_NAME.search(k) and len(v) >= 4]
+        status, code, message = "error", errors.EXIT_INFRA, ""
+        failure: BaseException | None = None
+        self._install_signals()
+        try:
+            try:
+                with self.phase("plan"):
+                    self.plan = self.make_plan()
+                    o = self.plan.offer
+                    self._log(f"plan: {o.instance_type} ({o.gpu_count} x {o.gpu or 'CPU'}), "
+                              f"tensor parallel {self.plan.tensor_parallel_size}, ${o.price_per_hour:.4f}/h")
+                self.provider = get_provider(self.provider_name)
+                with self.phase("prepare"):
+                    image = self._prepare_environment()
+                    model_dir, hub_id = self._model_source()
+                self.provision(image)
+                assert self.instance is not None
+                self.workdir = self.instance.workdir or f"/tmp/ephemera/{self.run_id}"
+                self.remote = self.provider.connect(self.instance)
+                if self.provider_name not in _IMAGE_PROVIDERS and not getattr(self.provider, "instance_is_image", False) \
+                        and image != "host":
+                    from ephemera.container import ContainerRemote
+
+                    container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir)
+                    self.remote.run(f"mkdir -p {shlex.quote(self.workdir)}", timeout=60)
+                    with self.phase("image", image):
+                        container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
+                                                  timeout=max(60.0, self.work_deadline - time.monotonic()))
+                    self.remote = container
+                self._check_stop()
+                uploaded = self.upload(model_dir)
+                self.start_server(uploaded or hub_id)
+                self.wait_healthy()
+                suite_status = self.run_suite()
+                if suite_status == 0:
+                    status, code, message = "passed", errors.EXIT_OK, "the suite passed"
+                else:
+                    status, code = "failed", errors.EXIT_TESTS_FAILED
+                    message = f"the suite failed (exit status {suite_status}); output in {self.artifacts_dir / 'suite.log'}"
+            except Interrupted as exc:
+                failure = exc
+                status, code, message = "interrupted", exc.exit_code, f"{exc.message}; tore down"
+            except PhaseTimeoutError as exc:
+                failure = exc
+                status, code, message = "timeout", exc.exit_code, exc.message
+            except EphemeraError as exc:
+                failure = exc
+                status, code, message = "error", exc.exit_code, exc.message
+            except Exception as exc:  # noqa: BLE001 - anything else still tears down
+                failure = exc
+                status, code = "error", errors.EXIT_INFRA
+                message = f"internal error: {type(exc).__name__}: {exc}"
+            if failure is not None:
+                self.reporter.error(f"{status}: {message}")
+            # Collect (short when interrupted: a CI runner kills us ~10 s after SIGINT).
+            try:
+                self.collect(budget=3.0 if self._signal else max(10.0, min(300.0, self.deadline - time.monotonic() - 60)))
+            except Interrupted:
+                self.reporter.warn("collect cut short by a second signal")
+            except Exception as exc:  # noqa: BLE001
+                self.reporter.warn(f"collect failed: {exc}")
+        finally:
+            verified = True
+            try:
+                verified = self.teardown()
+            except BaseException as exc:  # noqa: BLE001
+                verified = False
+                self.reporter.error(f"teardown failed: {type(exc).__name__}: {exc}. "
+                                    f"Run `ephemera down {self.run_id}` to finish it.")
+            finally:
+                self._restore_signals()
+        if not verified:
+            code = errors.EXIT_TEARDOWN_FAILED
+            message += f"; teardown NOT verified: run `ephemera down {self.run_id}`"
+        result = self._result(status, code, message)
+        result.teardown_verified = verified if self.state is not None else None
+        result.cost = self.report(result)
+        return result
+
+    # ---------------------------------------------------------------- report
+    def report(self, result: RunResult) -> dict[str, Any] | None:
+        """Cost of the run: per-second billing from launch to verified termination."""
+        if self.launched_at is None or self.offer is None:
+            return None
+        try:
+            from ephemera.reporting import write_reports
+
+            return write_reports(self, result)
+        except ImportError:
+            end = self.terminated_at or datetime.now(UTC)
+            seconds = (end - self.launched_at).total_seconds()
+            return {"usd": round(self.offer.price_per_hour * seconds / 3600.0, 6),
+                    "billed_seconds": round(seconds, 3), "price_per_hour": self.offer.price_per_hour,
+                    "launched_at": format_time(self.launched_at), "terminated_at": format_time(end)}

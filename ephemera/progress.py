@@ -1,0 +1,110 @@
+"""What a run shows while it works: a live spinner with the current phase and elapsed
+time on a terminal, plain timestamped lines in CI (with GitHub Actions' log groups
+and error annotations when running there). Everything goes to stderr, so that
+``--json`` keeps stdout for the final object."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import TextIO
+
+
+class Reporter:
+    def __init__(self, stream: TextIO | None = None, *, live: bool | None = None,
+                 quiet: bool = False) -> None:
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.github = os.environ.get("GITHUB_ACTIONS") == "true"
+        is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.live = is_tty and not self.github if live is None else live
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._status = None
+        self._console = None
+        self._phase: str | None = None
+        self._phase_started = 0.0
+        if self.live:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, highlight=False)
+
+    # -- plain output -------------------------------------------------------------------
+    def _stamp(self) -> str:
+        return f"[{time.monotonic() - self.started:7.1f}s]"
+
+    def _emit(self, text: str) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            if self._console is not None:
+                self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+
+    def info(self, message: str) -> None:
+        self._emit(f"{self._stamp()} {message}")
+
+    def warn(self, message: str) -> None:
+        if self.github:
+            self._emit(f"::warning::{message}")
+        else:
+            self._emit(f"{self._stamp()} warning: {message}")
+
+    def error(self, message: str) -> None:
+        if self.github:
+            # Annotations are one line; the full text follows in the log.
+            self._emit(f"::error::{message.splitlines()[0] if message else ''}")
+        self._emit(f"{self._stamp()} error: {message}")
+
+    def line(self, text: str, source: str = "") -> None:
+        """A line of remote output (suite, server), passed through as it comes."""
+        prefix = f"{source}| " if source and not self.github else ""
+        self._emit(f"{prefix}{text}")
+
+    # -- phases -------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str, detail: str = ""):
+        self._phase, self._phase_started = name, time.monotonic()
+        label = f"{name}{': ' + detail if detail else ''}"
+        self.info(f"> {label}")
+        status = None
+        if self._console is not None and not self.quiet:
+            status = self._console.status(f"{label} ...", spinner="dots")
+            status.start()
+            self._status = status
+            ticker = threading.Thread(target=self._tick, args=(status, label), daemon=True)
+            ticker.start()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            if status is not None:
+                self._status = None
+                status.stop()
+            elapsed = time.monotonic() - self._phase_started
+            self.info(f"{'ok' if ok else 'stopped'} {name} ({elapsed:.1f}s)")
+            self._phase = None
+
+    def _tick(self, status, label: str) -> None:
+        while self._status is status:
+            status.update(f"{label} ... {time.monotonic() - self._phase_started:.0f}s")
+            time.sleep(0.5)
+
+    @contextmanager
+    def group(self, title: str):
+        """A collapsible log group on GitHub Actions; a heading elsewhere."""
+        if self.github:
+            self._emit(f"::group::{title}")
+        else:
+            self.info(title)
+        try:
+            yield
+        finally:
+            if self.github:
+                self._emit("::endgroup::")

@@ -1,0 +1,78 @@
+"""The reaper: find instances by their ephemera labels and terminate the expired ones.
+
+It only acts on instances that carry the run-id and expires-at labels with an
+expiry in the past, so running it with no settings can never touch anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ephemera.provider import (
+    LABEL_EXPIRES_AT,
+    LABEL_OWNER,
+    LABEL_RUN_ID,
+    InstanceState,
+    parse_time,
+)
+
+
+@dataclass
+class ReapReport:
+    expired: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"expired": self.expired, "kept": self.kept, "skipped": self.skipped}
+
+
+def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, now: datetime,
+         log: Callable[[str], None]) -> ReapReport:
+    from ephemera.registry import get_provider
+    from ephemera.registry import provider_names as all_names
+    from ephemera.teardown import terminate_and_verify
+
+    report = ReapReport()
+    for name in provider_names or all_names():
+        try:
+            provider = get_provider(name)
+            found = provider.find({})
+        except Exception as exc:  # noqa: BLE001 - one unusable provider must not stop the others
+            report.skipped.append(f"{name}: {exc}")
+            log(f"skipping provider {name}: {exc}")
+            continue
+        for instance in found:
+            labels = instance.labels
+            if instance.state == InstanceState.TERMINATED or LABEL_RUN_ID not in labels:
+                continue
+            try:
+                expires = parse_time(labels[LABEL_EXPIRES_AT])
+            except (KeyError, ValueError):
+                report.kept += 1  # no readable expiry: never ours to judge
+                continue
+            if expires > now or (owner and labels.get(LABEL_OWNER) != owner):
+                report.kept += 1
+                continue
+            item = {"provider": name, "id": instance.id, "run_id": labels[LABEL_RUN_ID],
+                    "expires_at": labels[LABEL_EXPIRES_AT], "owner": labels.get(LABEL_OWNER),
+                    "verified": False}
+            if not dry_run:
+                import time
+
+                log(f"terminating expired {name} instance {instance.id} (run {labels[LABEL_RUN_ID]})")
+                ok, problems = terminate_and_verify(provider, instance, deadline=time.monotonic() + 300, log=log)
+                item["verified"] = ok
+                item["problems"] = problems
+            report.expired.append(item)
+        extra = getattr(provider, "reap_orphans", None)
+        if callable(extra):
+            try:
+                for orphan in extra(now=now, owner=owner, dry_run=dry_run):
+                    report.expired.append({"provider": name, "verified": True, **orphan})
+            except Exception as exc:  # noqa: BLE001
+                log(f"{name}: orphan cleanup failed: {exc}")
+    return report
