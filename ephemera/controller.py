@@ -389,7 +389,7 @@ class Run:
         tp = self.plan.tensor_parallel_size if self.plan is not None else 1
         self.server_cmd = build_server_command(self.job, model_path=model_path, tensor_parallel_size=tp,
                                                python=self.python, host=bind)
-        with self.phase("server start"):
+        with self.phase("server_start"):
             self._log(f"vLLM: {self.server_cmd.shell}")
             self.server_handle = self.remote.start(self._with_path(self.server_cmd.shell),
                                                    env=self.server_env(), cwd=self.workdir,
