@@ -96,16 +96,16 @@ def detached_command(command: str, *, env: Mapping[str, str] | None, cwd: str | 
 
 
 def is_running_command(handle: str) -> str:
-    return f"kill -0 -- -{int(handle)} 2>/dev/null && echo yes || echo no"
+    return f"kill -s 0 -- -{int(handle)} 2>/dev/null && echo yes || echo no"
 
 
 def stop_command(handle: str, grace: float) -> str:
     pg = int(handle)
     steps = max(1, int(grace * 10))
     return (
-        f"kill -TERM -- -{pg} 2>/dev/null; "
-        f"for i in $(seq {steps}); do kill -0 -- -{pg} 2>/dev/null || exit 0; sleep 0.1; done; "
-        f"kill -KILL -- -{pg} 2>/dev/null; exit 0"
+        f"kill -s TERM -- -{pg} 2>/dev/null; "
+        f"for i in $(seq {steps}); do kill -s 0 -- -{pg} 2>/dev/null || exit 0; sleep 0.1; done; "
+        f"kill -s KILL -- -{pg} 2>/dev/null; exit 0"
     )
 
 
