@@ -1,0 +1,339 @@
+"""The ``docker`` provider: a container on the Docker engine named by the usual
+DOCKER_HOST settings, as a throw-away machine.
+
+The container's PID 1 is a dead-man switch: ``sleep`` until the run's expiry, under
+Docker's init so exec'd processes are reaped. With ``auto_remove`` the engine deletes
+the container when that sleep ends, so it disappears at ``expires-at`` even if
+ephemera was killed. Commands and file copies go through the Docker API (no sshd in
+the image). Ports are published on 127.0.0.1 only (bridge) unless the job asks for
+host networking.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from ephemera_providers.docker_remote import DockerRemote
+
+from ephemera.errors import ConfigError, InfraError, TeardownError
+from ephemera.provider import (
+    LABEL_KEYS,
+    Instance,
+    InstanceState,
+    LaunchSpec,
+    Offer,
+    OfferRequest,
+    parse_time,
+)
+
+__all__ = ["DockerProvider", "DockerRemote"]
+
+LABEL_PREFIX = "dev.ephemera."
+TAG_PREFIX = "dev.ephemera.tag."
+WORKROOT = "/ephemera"
+TERMINATE_VERIFY_SECONDS = 20.0
+
+
+def docker_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Canonical keys become ``dev.ephemera.<key>``; user labels ``dev.ephemera.tag.<key>``."""
+    out = {}
+    for key, value in labels.items():
+        prefix = LABEL_PREFIX if key in LABEL_KEYS else TAG_PREFIX
+        out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def canonical_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Inverse of :func:`docker_labels`; labels not ours are dropped."""
+    out = {}
+    for key, value in (labels or {}).items():
+        if key.startswith(TAG_PREFIX):
+            out[key[len(TAG_PREFIX):]] = value
+        elif key.startswith(LABEL_PREFIX) and key[len(LABEL_PREFIX):] in LABEL_KEYS:
+            out[key[len(LABEL_PREFIX):]] = value
+    return out
+
+
+def container_name(run_id: str) -> str:
+    return f"ephemera-{run_id}"
+
+
+def docker_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The job's docker section: ``options["docker"]`` when nested, else ``options``."""
+    nested = options.get("docker") if isinstance(options, Mapping) else None
+    raw = dict(nested) if isinstance(nested, Mapping) else dict(options or {})
+    network = raw.get("network", "bridge")
+    if network not in ("bridge", "host"):
+        raise ConfigError(f"resources.docker.network: must be 'bridge' or 'host', not {network!r}")
+    exec_mode = raw.get("exec", "docker")
+    if exec_mode not in ("docker", "ssh"):
+        raise ConfigError(f"resources.docker.exec: must be 'docker' or 'ssh', not {exec_mode!r}")
+    if exec_mode == "ssh":
+        raise ConfigError("resources.docker.exec: 'ssh' is not supported by this version of the "
+                          "docker provider", hint="Use exec: docker (the default).")
+    raw["network"] = network
+    raw["exec"] = exec_mode
+    raw.setdefault("shm_size", "1g")
+    return raw
+
+
+def nvidia_gpus() -> list[tuple[str, float]]:
+    """(name, memory GiB) per GPU on this host, from nvidia-smi; [] without it."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2:
+            try:
+                gpus.append((parts[0], float(parts[1]) / 1024))
+            except ValueError:
+                continue
+    return gpus
+
+
+def _state_of(status: str) -> InstanceState:
+    return {
+        "created": InstanceState.PENDING,
+        "running": InstanceState.RUNNING,
+        "restarting": InstanceState.RUNNING,
+        "paused": InstanceState.RUNNING,
+        "removing": InstanceState.TERMINATING,
+        "exited": InstanceState.TERMINATED,
+        "dead": InstanceState.FAILED,
+    }.get(status, InstanceState.PENDING)
+
+
+class DockerProvider:
+    """Containers on a Docker engine. See the module docstring."""
+
+    name: ClassVar[str] = "docker"
+
+    def __init__(self, client: Any = None) -> None:
+        self._client = client
+
+    # -- engine ------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                import docker
+            except ImportError:
+                raise ConfigError("the docker provider needs the Docker SDK for Python",
+                                  hint="Install it with: pip install 'ephemera[docker]'.") from None
+            try:
+                client = docker.from_env()
+                client.ping()
+            except Exception as exc:  # noqa: BLE001 - any failure to reach the engine
+                raise InfraError(f"cannot reach the Docker engine: {exc}",
+                                 hint="Start dockerd, or point DOCKER_HOST at a running engine.") from None
+            self._client = client
+        return self._client
+
+    def describe(self) -> str:
+        return "Containers on the local Docker engine (DOCKER_HOST); GPUs via nvidia-smi."
+
+    # -- offers ------------------------------------------------------------------
+    def offers(self, request: OfferRequest) -> list[Offer]:
+        info = self.client.info()
+        vcpus = int(info.get("NCPU") or 1)
+        memory = round(float(info.get("MemTotal") or 0) / 2**30, 1)
+        gpus = nvidia_gpus()
+        if not gpus:
+            return [Offer(provider=self.name, instance_type="docker-cpu", region=None, gpu=None,
+                          gpu_count=0, gpu_memory_gib=0.0, vcpus=vcpus, memory_gib=memory,
+                          price_per_hour=0.0, price_source="local engine")]
+        name, per_gpu = gpus[0][0], min(mem for _, mem in gpus)
+        offers = [Offer(provider=self.name, instance_type=f"docker-{count}x{name.replace(' ', '-')}",
+                        region=None, gpu=name, gpu_count=count, gpu_memory_gib=round(per_gpu, 1),
+                        vcpus=vcpus, memory_gib=memory, price_per_hour=0.0,
+                        price_source="local engine")
+                  for count in range(1, len(gpus) + 1)]
+        if request.gpu:
+            offers = [o for o in offers if request.gpu.lower() in (o.gpu or "").lower()]
+        return offers
+
+    # -- launch ------------------------------------------------------------------
+    def _image(self, name: str) -> str:
+        import docker
+
+        from ephemera.cpu_image import IMAGE_REPO, resolve_image
+
+        ref = resolve_image(name)
+        try:
+            self.client.images.get(ref)
+            return ref
+        except docker.errors.ImageNotFound:
+            pass
+        if ref.split(":")[0] == IMAGE_REPO:
+            raise ConfigError(f"image: the built-in CPU image {ref} is not built on this engine",
+                              hint="Build it with: ephemera image build-cpu.")
+        try:
+            self.client.images.pull(ref)
+        except docker.errors.APIError as exc:
+            raise ConfigError(f"image: {ref!r} is not on this Docker engine and pulling it failed: "
+                              f"{exc.explanation or exc}",
+                              hint="Check the name, log in to its registry, or build it here.") from None
+        return ref
+
+    def launch(self, spec: LaunchSpec) -> Instance:
+        import docker
+
+        name = container_name(spec.run_id)
+        try:
+            existing = self.client.containers.get(name)
+            return self._instance(existing, spec.run_id)
+        except docker.errors.NotFound:
+            pass
+        opts = docker_options(spec.options)
+        seconds = math.ceil((spec.expires_at - datetime.now(UTC)).total_seconds())
+        if seconds < 1:
+            raise ConfigError(f"expires_at {spec.expires_at.isoformat()} is already past")
+        image = self._image(spec.image)
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "labels": docker_labels(spec.labels),
+            # PID 1 is the dead-man switch; the engine removes the container when it ends.
+            "entrypoint": ["sleep"],
+            "command": [str(seconds)],
+            "init": True,
+            "auto_remove": True,
+            "detach": True,
+            "environment": dict(spec.env),
+        }
+        if opts.get("ipc") == "host":
+            kwargs["ipc_mode"] = "host"
+        else:
+            kwargs["shm_size"] = str(opts["shm_size"])
+        if opts["network"] == "host":
+            kwargs["network_mode"] = "host"
+        else:
+            kwargs["ports"] = {f"{port}/tcp": ("127.0.0.1", None) for port in spec.ports}
+        if spec.gpu_count > 0:
+            if not nvidia_gpus():
+                raise ConfigError(f"the plan asks for {spec.gpu_count} GPU(s) but this Docker "
+                                  "host has none (nvidia-smi found no GPU)")
+            kwargs["device_requests"] = [docker.types.DeviceRequest(
+                count=spec.gpu_count, capabilities=[["gpu"]])]
+        mounts = opts.get("mounts") or []
+        if mounts:
+            kwargs["volumes"] = list(mounts)
+        try:
+            container = self.client.containers.run(image, **kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # a concurrent launch of the same run won
+                return self._instance(self.client.containers.get(name), spec.run_id)
+            raise InfraError(f"docker could not start {name} from {image}: "
+                             f"{exc.explanation or exc}") from None
+        return self._instance(container, spec.run_id, network=opts["network"])
+
+    def _instance(self, container: Any, run_id: str, network: str | None = None,
+                  workdir: str | None = None) -> Instance:
+        attrs = container.attrs
+        host_config = attrs.get("HostConfig") or {}
+        network = network or ("host" if host_config.get("NetworkMode") == "host" else "bridge")
+        ports: dict[str, int] = {}
+        for key, bindings in ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items():
+            if bindings:
+                ports[key.split("/")[0]] = int(bindings[0]["HostPort"])
+        created = attrs.get("Created")
+        state = _state_of(container.status)
+        if workdir and state == InstanceState.RUNNING:
+            state = InstanceState.READY
+        return Instance(
+            provider=self.name,
+            id=container.id,
+            run_id=run_id,
+            state=state,
+            labels=canonical_labels(container.labels),
+            instance_type="docker",
+            workdir=workdir if state == InstanceState.READY else None,
+            launched_at=parse_time(created[:19] + "Z") if created else None,
+            message="" if state != InstanceState.FAILED else f"container is {container.status}",
+            data={"container_id": container.id, "name": container.name, "network": network,
+                  "ports": json.dumps(ports, sort_keys=True)},
+        )
+
+    # -- poll / terminate / find ------------------------------------------------
+    def _get(self, instance: Instance) -> Any | None:
+        import docker
+
+        key = instance.data.get("container_id") or instance.id or container_name(instance.run_id)
+        try:
+            return self.client.containers.get(key)
+        except docker.errors.NotFound:
+            return None
+
+    def poll(self, instance: Instance) -> Instance:
+        container = self._get(instance)
+        if container is None:
+            return instance.evolve(state=InstanceState.TERMINATED, workdir=None)
+        current = self._instance(container, instance.run_id)
+        if current.state != InstanceState.RUNNING:
+            return current
+        workdir = f"{WORKROOT}/{instance.run_id}"
+        if instance.state != InstanceState.READY:
+            done = container.exec_run(["mkdir", "-p", workdir])
+            if done.exit_code != 0:
+                return current.evolve(message=f"could not create {workdir} in the container")
+        return self._instance(container, instance.run_id, workdir=workdir)
+
+    def terminate(self, instance: Instance) -> None:
+        import docker
+
+        container = self._get(instance)
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # 409: auto-remove is already under way; the check below decides.
+                if exc.status_code != 409:
+                    raise InfraError(f"docker could not remove {container.name}: "
+                                     f"{exc.explanation or exc}") from None
+        deadline = time.monotonic() + TERMINATE_VERIFY_SECONDS
+        while self._get(instance) is not None:
+            if time.monotonic() > deadline:
+                raise TeardownError(f"container {container_name(instance.run_id)} "
+                                    f"({instance.id[:12]}) is still present after removal",
+                                    hint=f"Remove it with: docker rm -f {instance.id[:12]}")
+            time.sleep(0.2)
+
+    def find(self, labels: Mapping[str, str]) -> list[Instance]:
+        filters = [f"{k}={v}" for k, v in docker_labels(labels).items()] or [
+            f"{LABEL_PREFIX}run-id"]
+        found = self.client.containers.list(all=True, filters={"label": filters})
+        return [self._instance(c, c.labels.get(f"{LABEL_PREFIX}run-id", "")) for c in found]
+
+    def expired(self, now: datetime | None = None) -> list[Instance]:
+        """Containers of ours whose expires-at label has passed (for the reaper)."""
+        now = now or datetime.now(UTC)
+        out = []
+        for inst in self.find({}):
+            expires = inst.labels.get("expires-at")
+            if expires and parse_time(expires) <= now:
+                out.append(inst)
+        return out
+
+    # -- connect -----------------------------------------------------------------
+    def connect(self, instance: Instance) -> DockerRemote:
+        ports = json.loads(instance.data.get("ports") or "{}")
+        return DockerRemote(self.client, instance.data.get("container_id") or instance.id,
+                            network=instance.data.get("network", "bridge"),
+                            ports={int(k): int(v) for k, v in ports.items()})

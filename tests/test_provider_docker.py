@@ -1,0 +1,264 @@
+"""The docker provider against a real Docker engine: launch, exec, copies both ways,
+forwarding, termination, and the dead-man switch surviving a killed ephemera."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ephemera.errors import ConfigError
+from ephemera.provider import InstanceState, OfferRequest
+from tests.fixtures.common import free_port
+
+pytestmark = pytest.mark.docker
+
+
+def _run_id() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def _ready(provider, instance, seconds: float = 30):
+    deadline = time.monotonic() + seconds
+    while True:
+        instance = provider.poll(instance)
+        if instance.state == InstanceState.READY:
+            return instance
+        assert instance.state in (InstanceState.PENDING, InstanceState.RUNNING), instance
+        assert time.monotonic() < deadline, "container did not become ready"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def launched(contract_docker):
+    provider = contract_docker.provider
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "env": {"GREETING": "hello", "SECRET_TOKEN": "s3cr3t"}})
+    instance = provider.launch(spec)
+    try:
+        yield provider, spec, _ready(provider, instance)
+    finally:
+        provider.terminate(instance)
+
+
+@pytest.mark.timeout(120)
+def test_offers_cpu_only_without_gpus(contract_docker):
+    offers = contract_docker.provider.offers(OfferRequest())
+    assert len(offers) == 1
+    offer = offers[0]
+    assert offer.cpu_only and offer.price_per_hour == 0.0
+    assert offer.vcpus >= 1 and offer.memory_gib > 1
+
+
+@pytest.mark.timeout(120)
+def test_launch_labels_workdir_and_idempotence(launched, docker_engine):
+    provider, spec, instance = launched
+    container = docker_engine.containers.get(instance.id)
+    assert container.name == f"ephemera-{spec.run_id}"
+    assert container.labels["dev.ephemera.run-id"] == spec.run_id
+    assert container.labels["dev.ephemera.job"] == "contract"
+    assert container.labels["dev.ephemera.owner"] == "tests"
+    assert container.labels["dev.ephemera.expires-at"] == spec.labels["expires-at"]
+    assert container.attrs["HostConfig"]["AutoRemove"] is True
+    assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+    assert container.attrs["HostConfig"]["ShmSize"] == 2**30
+    assert instance.workdir == f"/ephemera/{spec.run_id}"
+    assert json.loads(instance.data["ports"]) == {}
+    # A second launch of the same run returns the same container.
+    again = provider.launch(spec)
+    assert again.id == instance.id
+    found = provider.find({"run-id": spec.run_id})
+    assert [f.id for f in found] == [instance.id]
+    assert found[0].labels["job"] == "contract"
+
+
+@pytest.mark.timeout(120)
+def test_exec_streams_lines_exit_status_env_and_cwd(launched, tmp_path):
+    provider, _spec, instance = launched
+    remote = provider.connect(instance)
+    lines: list[str] = []
+    log = tmp_path / "cmd.log"
+    result = remote.run('echo "$GREETING"; pwd; echo oops >&2; echo "$RUNTIME_VAR"; exit 3',
+                        env={"RUNTIME_VAR": "value-from-env"}, cwd=instance.workdir,
+                        on_line=lines.append, log_path=log)
+    assert result.exit_status == 3 and not result.timed_out
+    assert lines == ["hello", instance.workdir, "oops", "value-from-env"]
+    assert log.read_text().splitlines() == lines
+    # A missing working directory is a failure, not a silent run elsewhere.
+    assert remote.run("true", cwd="/does/not/exist").exit_status == 125
+
+
+@pytest.mark.timeout(120)
+def test_timeout_kills_the_whole_process_group(launched):
+    provider, _spec, instance = launched
+    remote = provider.connect(instance)
+    started = time.monotonic()
+    result = remote.run("sleep 300 & sleep 301; echo never", timeout=2)
+    assert result.timed_out and result.exit_status is None
+    assert time.monotonic() - started < 15
+    time.sleep(0.5)
+    left = remote.run("ps -eo args | grep -c '^sleep 30[01]' || true", timeout=20)
+    assert left.output_tail.strip().splitlines()[-1] == "0"
+
+
+@pytest.mark.timeout(120)
+def test_detached_start_is_running_and_stop(launched):
+    provider, _spec, instance = launched
+    remote = provider.connect(instance)
+    handle = remote.start("sleep 600", log_file=f"{instance.workdir}/bg.log")
+    assert remote.is_running(handle)
+    remote.stop(handle, grace=2)
+    assert not remote.is_running(handle)
+
+
+@pytest.mark.timeout(120)
+def test_copy_both_ways_files_dirs_and_globs(launched, tmp_path):
+    provider, _spec, instance = launched
+    remote = provider.connect(instance)
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.bin").write_bytes(os.urandom(300_000))
+    single = tmp_path / "single.json"
+    single.write_text('{"x": 1}')
+    work = instance.workdir
+    remote.put(src, f"{work}/tree")
+    remote.put(single, f"{work}/deep/er/one.json")
+    listing = remote.run(f"cd {work} && find . -type f | sort && cat deep/er/one.json")
+    assert listing.output_tail.splitlines() == [
+        "./deep/er/one.json", "./tree/a.txt", "./tree/sub/b.bin", '{"x": 1}']
+    remote.run(f"cd {work} && echo r1 > result-1.txt && echo r2 > result-2.txt")
+
+    back = tmp_path / "back"
+    got_dir = remote.get(f"{work}/tree", back)
+    assert sorted(p.relative_to(back).as_posix() for p in got_dir) == ["tree/a.txt", "tree/sub/b.bin"]
+    assert (back / "tree" / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+    got_glob = remote.get(f"{work}/result-*.txt", back)
+    assert sorted(p.name for p in got_glob) == ["result-1.txt", "result-2.txt"]
+    assert (back / "result-2.txt").read_text() == "r2\n"
+    assert remote.get(f"{work}/missing.txt", back) == []
+    assert remote.get(f"{work}/nothing-*.txt", back) == []
+
+
+@pytest.mark.timeout(120)
+def test_forward_on_host_network_reaches_a_server_in_the_container(launched):
+    import urllib.request
+
+    provider, _spec, instance = launched
+    remote = provider.connect(instance)
+    port = free_port()
+    handle = remote.start(f"python3 -m http.server {port} --bind 127.0.0.1",
+                          cwd=instance.workdir, log_file=f"{instance.workdir}/http.log")
+    remote.run(f"echo served > {instance.workdir}/hello.txt")
+    local = remote.forward(port)
+    assert local == port
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{local}/hello.txt", timeout=2) as rsp:
+                assert rsp.read() == b"served\n"
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    remote.stop(handle, grace=2)
+
+
+@pytest.mark.timeout(120)
+def test_bridge_network_publishes_ports_on_loopback_only(contract_docker, docker_engine):
+    provider = contract_docker.provider
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "ports": (8000,), "options": {"docker": {"network": "bridge"}}})
+    instance = provider.launch(spec)
+    try:
+        instance = _ready(provider, instance)
+        bindings = docker_engine.containers.get(instance.id).attrs["NetworkSettings"]["Ports"]["8000/tcp"]
+        assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
+        host_port = int(bindings[0]["HostPort"])
+        assert json.loads(instance.data["ports"]) == {"8000": host_port}
+        assert provider.connect(instance).forward(8000) == host_port
+        with pytest.raises(ConfigError, match="not published"):
+            provider.connect(instance).forward(9000)
+    finally:
+        provider.terminate(instance)
+
+
+@pytest.mark.timeout(120)
+def test_terminate_removes_and_is_idempotent(contract_docker, docker_engine):
+    import docker
+
+    provider = contract_docker.provider
+    instance = _ready(provider, provider.launch(contract_docker.make_spec(_run_id())))
+    provider.terminate(instance)
+    with pytest.raises(docker.errors.NotFound):
+        docker_engine.containers.get(instance.id)
+    provider.terminate(instance)  # already gone: success
+    assert provider.poll(instance).state == InstanceState.TERMINATED
+    assert provider.find({"run-id": instance.run_id}) == []
+
+
+@pytest.mark.timeout(60)
+def test_missing_image_is_a_config_error_naming_it(contract_docker):
+    provider = contract_docker.provider
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "image": "ephemera-test/no-such-image:1"})
+    with pytest.raises(ConfigError, match="ephemera-test/no-such-image:1"):
+        provider.launch(spec)
+
+
+@pytest.mark.timeout(60)
+def test_bad_network_option_names_the_field(contract_docker):
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "options": {"docker": {"network": "overlay"}}})
+    with pytest.raises(ConfigError, match="resources.docker.network"):
+        contract_docker.provider.launch(spec)
+
+
+@pytest.mark.timeout(120)
+def test_dead_man_switch_survives_a_killed_ephemera(contract_docker, docker_engine, tmp_path):
+    """A child process launches with an 8 s expiry and is SIGKILLed; the container must
+    remove itself at its expiry with nothing left to tear it down."""
+    import docker
+
+    run_id = _run_id()
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from datetime import UTC, datetime, timedelta
+        from ephemera.provider import LaunchSpec, Offer, make_labels
+        from ephemera_providers.docker import DockerProvider
+        expires = datetime.now(UTC) + timedelta(seconds=8)
+        offer = Offer("docker", "docker-cpu", None, None, 0, 0.0, 1, 1.0, 0.0)
+        spec = LaunchSpec(run_id={run_id!r}, job_name="deadman", offer=offer,
+                          image={contract_docker.image!r},
+                          labels=make_labels({run_id!r}, "deadman", "tests", expires),
+                          expires_at=expires, options={{"docker": {{"network": "host"}}}})
+        inst = DockerProvider().launch(spec)
+        print(inst.id, flush=True)
+        time.sleep(600)
+    """))
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    container_id = child.stdout.readline().strip()
+    launched_at = datetime.now(UTC)
+    assert container_id, "the launcher did not start a container"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    assert docker_engine.containers.get(container_id).status == "running"
+    deadline = time.monotonic() + 40
+    while True:
+        try:
+            docker_engine.containers.get(container_id)
+        except docker.errors.NotFound:
+            break
+        assert time.monotonic() < deadline, "container outlived its expiry"
+        time.sleep(0.5)
+    gone_after = datetime.now(UTC) - launched_at
+    assert timedelta(seconds=5) < gone_after < timedelta(seconds=30)
