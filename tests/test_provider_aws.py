@@ -1,0 +1,333 @@
+"""The aws provider against a real moto server on 127.0.0.1.
+
+Errors moto does not produce (capacity, quota, throttling, auth) are injected with a
+botocore ``before-call`` hook on the provider's own client: the hook answers some
+calls with an AWS error and lets the rest through to moto unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import boto3
+import pytest
+
+from ephemera.errors import AuthError, ConfigError, NoCapacityError, QuotaError
+from ephemera.provider import Instance, InstanceState, make_labels
+from tests.fixtures.moto_server import DLAMI_PARAMETER, TEST_CIDR
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def aws(contract_aws):
+    return contract_aws
+
+
+def inject(provider, region, operation, decide):
+    """Answer ``operation`` in ``region`` with an error whenever ``decide(call_no, body)``
+    returns an error code (or (code, http status)); otherwise moto answers."""
+    from botocore.awsrequest import AWSResponse
+
+    calls = []
+
+    def handler(params, **_):
+        calls.append(params.get("body") or {})
+        verdict = decide(len(calls), calls[-1])
+        if not verdict:
+            return None
+        code, status = verdict if isinstance(verdict, tuple) else (verdict, 400)
+        parsed = {"Error": {"Code": code, "Message": f"injected {code}"},
+                  "ResponseMetadata": {"HTTPStatusCode": status}}
+        return AWSResponse("https://ec2.amazonaws.com/", status, {}, None), parsed
+
+    provider.client("ec2", region).meta.events.register(
+        f"before-call.ec2.{operation}", handler)
+    return calls
+
+
+def ec2(region="us-east-1"):
+    return boto3.client("ec2", region_name=region)
+
+
+def describe(instance_id, region="us-east-1"):
+    return ec2(region).describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
+def ephemera_leftovers(region):
+    """Security groups and key pairs named like ephemera's, and live instances."""
+    client = ec2(region)
+    groups = [g["GroupName"] for g in client.describe_security_groups()["SecurityGroups"]
+              if g["GroupName"].startswith("ephemera-")]
+    keys = [k["KeyName"] for k in client.describe_key_pairs()["KeyPairs"]]
+    live = [i["InstanceId"] for r in client.describe_instances(Filters=[
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]}])
+        ["Reservations"] for i in r["Instances"]]
+    return groups + keys + live
+
+
+def test_launch_request_carries_everything(aws, aws_env):
+    spec = aws.make_spec("run-req")
+    spec = type(spec)(**{**spec.__dict__, "labels": {**spec.labels, "team": "infra"}})
+    inst = aws.provider.launch(spec)
+    assert inst.state is InstanceState.PENDING and inst.region == "us-east-1"
+    raw = describe(inst.id)
+    assert raw["InstanceType"] == "g5.xlarge"
+    assert raw["ImageId"] == aws_env["amis"]["us-east-1"]
+    tags = {t["Key"]: t["Value"] for t in raw["Tags"]}
+    assert tags["ephemera:run-id"] == "run-req"
+    assert tags["ephemera:job"] == "contract"
+    assert tags["ephemera:owner"] == "tester"
+    assert tags["ephemera:expires-at"] == spec.labels["expires-at"]
+    assert tags["team"] == "infra" and tags["Name"] == "ephemera-run-req"
+    # Key pair: the run's key, imported and tagged.
+    assert raw["KeyName"] == "ephemera-run-req"
+    key = ec2().describe_key_pairs(KeyNames=["ephemera-run-req"])["KeyPairs"][0]
+    assert {t["Key"]: t["Value"] for t in key["Tags"]}["ephemera:run-id"] == "run-req"
+    assert key["KeyType"] == "ed25519"
+    # Security group: SSH from the configured CIDR, nothing else.
+    group_ids = [g["GroupId"] for g in raw["SecurityGroups"]]
+    assert len(group_ids) == 1
+    group = ec2().describe_security_groups(GroupIds=group_ids)["SecurityGroups"][0]
+    assert group["GroupName"] == "ephemera-run-req"
+    assert [(p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]])
+            for p in group["IpPermissions"]] == [("tcp", 22, 22, [TEST_CIDR])]
+    assert {t["Key"]: t["Value"] for t in group["Tags"]}["ephemera:owner"] == "tester"
+    # Dead-man switch: terminate on OS shutdown, and user-data that shuts down at expiry.
+    attr = ec2().describe_instance_attribute(InstanceId=inst.id,
+                                             Attribute="instanceInitiatedShutdownBehavior")
+    assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    script = base64.b64decode(ec2().describe_instance_attribute(
+        InstanceId=inst.id, Attribute="userData")["UserData"]["Value"]).decode()
+    assert f"EXPIRES_AT={int(spec.expires_at.timestamp())}" in script
+    assert "shutdown -h" in script and "halt" not in script.replace("# ", "")
+    assert "systemctl enable --now docker" in script
+    # IMDSv2 required, gp3 root volume sized for image + data, not spot.
+    assert raw["MetadataOptions"]["HttpTokens"] == "required"
+    volume_id = raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
+    volume = ec2().describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    assert volume["VolumeType"] == "gp3"
+    image = ec2().describe_images(ImageIds=[raw["ImageId"]])["Images"][0]
+    assert volume["Size"] == image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] + 40
+    assert raw.get("InstanceLifecycle") != "spot"
+    # Launch is idempotent on the run id.
+    assert aws.provider.launch(spec).id == inst.id
+
+
+def test_spot_request(aws):
+    spec = aws.make_spec("run-spot", options={"aws": {"ssh_user": "root"}, "spot": True})
+    inst = aws.provider.launch(spec)
+    assert describe(inst.id)["InstanceLifecycle"] == "spot"
+    assert inst.data["market"] == "spot"
+
+
+def test_ami_override_and_missing_parameter(aws, aws_env, monkeypatch):
+    other = sorted(aws_env["amis"].values())[0]
+    inst = aws.provider.launch(aws.make_spec("run-ami", options={"aws": {"ami": other}}))
+    assert describe(inst.id)["ImageId"] == other
+    boto3.client("ssm", region_name="us-east-1").delete_parameter(Name=DLAMI_PARAMETER)
+    with pytest.raises(ConfigError, match="EPHEMERA_AWS_AMI"):
+        aws.provider.launch(aws.make_spec("run-noami"))
+    assert "ephemera-run-noami" not in ephemera_leftovers("us-east-1")
+
+
+def test_capacity_fails_over_to_next_zone(aws):
+    calls = inject(aws.provider, "us-east-1", "RunInstances",
+                   lambda n, body: "InsufficientInstanceCapacity" if n <= 2 else None)
+    inst = aws.provider.launch(aws.make_spec("run-az"))
+    subnets = [c["SubnetId"] for c in calls]
+    assert len(calls) == 3 and len(set(subnets)) == 3
+    assert describe(inst.id)["SubnetId"] == subnets[2]
+
+
+def test_capacity_fails_over_to_next_region(aws, monkeypatch):
+    spec = aws.make_spec("run-region", options={"aws": {"ssh_user": "root"},
+                                                "regions": ["us-east-1", "us-west-2"]})
+    east = inject(aws.provider, "us-east-1", "RunInstances",
+                  lambda n, body: "InsufficientInstanceCapacity")
+    inst = aws.provider.launch(spec)
+    assert len(east) == 5  # every zone of us-east-1 that offers g5.xlarge was tried
+    assert inst.region == "us-west-2"
+    assert describe(inst.id, "us-west-2")["Placement"]["AvailabilityZone"].startswith("us-west-2")
+    assert ephemera_leftovers("us-east-1") == []  # group and key of the failed region removed
+
+
+def test_no_capacity_anywhere_raises_and_leaves_nothing(aws):
+    spec = aws.make_spec("run-none", options={"regions": ["us-east-1", "us-west-2"]})
+    for region in ("us-east-1", "us-west-2"):
+        inject(aws.provider, region, "RunInstances",
+               lambda n, body: "InsufficientInstanceCapacity" if n % 2 else "Unsupported")
+    with pytest.raises(NoCapacityError, match="g5.xlarge") as err:
+        aws.provider.launch(spec)
+    assert "us-east-1" in str(err.value) and "us-west-2" in str(err.value)
+    assert ephemera_leftovers("us-east-1") == [] and ephemera_leftovers("us-west-2") == []
+
+
+def test_spot_falls_back_to_on_demand(aws):
+    calls = inject(aws.provider, "us-east-1", "RunInstances",
+                   lambda n, body: "InsufficientInstanceCapacity"
+                   if "InstanceMarketOptions.MarketType" in body else None)
+    inst = aws.provider.launch(aws.make_spec("run-fallback", options={"spot": True}))
+    assert sum("InstanceMarketOptions.MarketType" in c for c in calls) == 5
+    assert describe(inst.id).get("InstanceLifecycle") != "spot"
+    assert inst.data["market"] == "on-demand"
+
+
+def test_spot_without_fallback_gives_no_capacity(aws):
+    inject(aws.provider, "us-east-1", "RunInstances",
+           lambda n, body: "InsufficientInstanceCapacity"
+           if "InstanceMarketOptions.MarketType" in body else None)
+    with pytest.raises(NoCapacityError):
+        aws.provider.launch(aws.make_spec("run-nofallback",
+                                          options={"spot": True, "spot_fallback": False}))
+
+
+def test_quota_skips_family_in_region(aws):
+    east = inject(aws.provider, "us-east-1", "RunInstances", lambda n, body: "VcpuLimitExceeded")
+    spec = aws.make_spec("run-quota", options={"regions": ["us-east-1", "us-west-2"]})
+    inst = aws.provider.launch(spec)
+    assert len(east) == 1 and inst.region == "us-west-2"
+    assert aws.provider.skipped_families == {("us-east-1", "g5"): "VcpuLimitExceeded"}
+    # Another g5 size later in the plan does not try us-east-1 again.
+    from dataclasses import replace
+    bigger = replace(spec.offer, instance_type="g5.2xlarge")
+    inst2 = aws.provider.launch(replace(aws.make_spec("run-quota2", options=spec.options), offer=bigger))
+    assert len(east) == 1 and inst2.region == "us-west-2"
+
+
+def test_quota_everywhere_says_which_quota(aws):
+    inject(aws.provider, "us-east-1", "RunInstances", lambda n, body: "VcpuLimitExceeded")
+    with pytest.raises(QuotaError) as err:
+        aws.provider.launch(aws.make_spec("run-quota3"))
+    assert "Running On-Demand G and VT instances" in str(err.value)
+    assert "us-east-1" in str(err.value)
+    assert ephemera_leftovers("us-east-1") == []
+
+
+@pytest.mark.parametrize("code,status", [("RequestLimitExceeded", 503), ("InternalError", 500)])
+def test_throttling_and_5xx_are_retried(aws, code, status):
+    calls = inject(aws.provider, "us-east-1", "RunInstances",
+                   lambda n, body: (code, status) if n <= 3 else None)
+    inst = aws.provider.launch(aws.make_spec("run-throttle"))
+    assert len(calls) == 4
+    assert describe(inst.id)["State"]["Name"] in ("pending", "running")
+    # The same ClientToken on every retry, so AWS cannot start two machines.
+    assert len({c["ClientToken"] for c in calls}) == 1
+
+
+def test_auth_failure_aborts_at_once(aws):
+    calls = inject(aws.provider, "us-east-1", "RunInstances", lambda n, body: "UnauthorizedOperation")
+    with pytest.raises(AuthError, match="UnauthorizedOperation"):
+        aws.provider.launch(aws.make_spec("run-auth", options={"regions": ["us-east-1", "us-west-2"]}))
+    assert len(calls) == 1
+    assert ephemera_leftovers("us-east-1") == [] and ephemera_leftovers("us-west-2") == []
+
+
+def test_invalid_parameter_aborts_at_once(aws):
+    calls = inject(aws.provider, "us-east-1", "RunInstances",
+                   lambda n, body: "InvalidParameterCombination")
+    with pytest.raises(ConfigError, match="InvalidParameterCombination"):
+        aws.provider.launch(aws.make_spec("run-invalid"))
+    assert len(calls) == 1
+
+
+def test_bad_cidr_names_the_field(aws, monkeypatch):
+    with pytest.raises(ConfigError, match="ssh_cidr"):
+        aws.provider.launch(aws.make_spec("run-cidr", options={"aws": {"ssh_cidr": "nonsense"}}))
+
+
+def test_poll_ready_then_terminate_verified(aws, aws_env):
+    sshd = aws_env["sshd"]
+    inst = aws.provider.launch(aws.make_spec("run-life"))
+    ready = aws.provider.poll(inst)
+    assert ready.state is InstanceState.READY
+    assert (ready.endpoint.host, ready.endpoint.port) == ("127.0.0.1", sshd.port)
+    assert ready.endpoint.user == sshd.user and ready.endpoint.key_path == sshd.key_path
+    # From a state file in another process: only the serialised instance is known.
+    again = Instance.from_dict(ready.to_dict())
+    aws.provider.terminate(again)
+    for _ in range(20):
+        if aws.provider.terminate_confirmed(again):
+            break
+    else:
+        pytest.fail("termination not confirmed")
+    assert describe(inst.id)["State"]["Name"] == "terminated"
+    assert ephemera_leftovers("us-east-1") == []
+    aws.provider.terminate(again)  # idempotent
+    assert aws.provider.poll(again).state is InstanceState.TERMINATED
+
+
+def test_poll_without_address_is_running_not_ready(aws, monkeypatch):
+    from ephemera.settings import reset_settings
+    from ephemera_providers.aws import AWSProvider
+
+    monkeypatch.delenv("EPHEMERA_AWS_SSH_HOST_OVERRIDE")
+    monkeypatch.setenv("EPHEMERA_AWS_USE_PRIVATE_IP", "true")
+    monkeypatch.setenv("EPHEMERA_AWS_BASTION", "ubuntu@127.0.0.1:2222")
+    reset_settings()
+    provider = AWSProvider()
+    inst = provider.launch(aws.make_spec("run-private"))
+    polled = provider.poll(inst)
+    raw = describe(inst.id)
+    assert polled.state is InstanceState.READY  # behind a bastion: no direct probe
+    assert polled.endpoint.host == raw["PrivateIpAddress"]
+    assert polled.endpoint.proxy_jump == "ubuntu@127.0.0.1:2222"
+    provider.terminate(polled)
+    assert provider.terminate_confirmed(polled)
+
+
+def _launch_for(aws, run_id, owner, expires):
+    spec = aws.make_spec(run_id)
+    spec = type(spec)(**{**spec.__dict__, "expires_at": expires,
+                         "labels": make_labels(run_id, "contract", owner, expires)})
+    return aws.provider.launch(spec)
+
+
+def test_reap_removes_only_expired(aws):
+    now = datetime.now(UTC)
+    past, future = now - timedelta(minutes=5), now + timedelta(hours=1)
+    old = _launch_for(aws, "run-old", "tester", past)
+    fresh = _launch_for(aws, "run-fresh", "tester", future)
+    other = _launch_for(aws, "run-other", "someone", past)
+    # An orphan: instance gone, group and key left behind (ephemera died mid-teardown).
+    orphan = _launch_for(aws, "run-orphan", "tester", past)
+    ec2().terminate_instances(InstanceIds=[orphan.id])
+    # A group that merely looks like ephemera's (no tags) is never touched.
+    ec2().create_security_group(GroupName="ephemera-handmade", Description="not ours")
+
+    planned = aws.provider.reap(owner="tester", dry_run=True)
+    assert sorted(i.id for i in planned if not i.data.get("kind")) == [old.id]
+    assert sorted(i.data["kind"] for i in planned if i.data.get("kind")) == ["key-pair", "security-group"]
+    assert describe(old.id)["State"]["Name"] == "running" or describe(old.id)["State"]["Name"] == "pending"
+
+    aws.provider.reap(owner="tester")
+    assert describe(old.id)["State"]["Name"] == "terminated"
+    assert describe(fresh.id)["State"]["Name"] in ("pending", "running")
+    assert describe(other.id)["State"]["Name"] in ("pending", "running")
+    names = ephemera_leftovers("us-east-1")
+    assert "ephemera-run-orphan" not in names and "ephemera-handmade" in names
+    assert "ephemera-run-fresh" in names and "ephemera-run-other" in names
+    # A second pass frees the group of the instance terminated in the first.
+    aws.provider.reap(owner="tester")
+    assert "ephemera-run-old" not in ephemera_leftovers("us-east-1")
+    # Without an owner, every expired run goes.
+    aws.provider.reap()
+    assert describe(other.id)["State"]["Name"] == "terminated"
+    assert describe(fresh.id)["State"]["Name"] in ("pending", "running")
+
+
+def test_find_by_labels(aws):
+    inst = aws.provider.launch(aws.make_spec("run-find"))
+    found = aws.provider.find({"run-id": "run-find"})
+    assert [i.id for i in found] == [inst.id]
+    assert found[0].labels["owner"] == "tester"
+    assert found[0].data["security_group_id"] == inst.data["security_group_id"]
+    assert aws.provider.find({"run-id": "nope"}) == []
+
+
+def test_check_reports_credentials(aws_env):
+    from ephemera_providers.aws import AWSProvider
+
+    ok, detail = AWSProvider.check()
+    assert ok and "credentials from env" in detail
