@@ -1,0 +1,319 @@
+"""The ``local`` provider: the job runs as processes on this machine, with no Docker
+and no SSH. It is the default when no GPU machine is needed (the built-in CPU
+environment runs vLLM from a cached venv).
+
+Each run gets a working directory ``<state_dir>/local/<run-id>`` (under the state
+directory rather than /tmp, which other tools may clean, and next to the run's state
+file so ``ephemera down`` finds both). Every command the run starts gets its own
+session; its process group id is recorded in the directory, so terminate - or the
+detached watchdog at the run's expiry, even after ephemera itself was killed - can
+end all of them and remove the directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import ClassVar
+
+from ephemera_providers._deadman import (
+    check_run_id,
+    cleanup_script,
+    prefixed,
+    start_watchdog_command,
+    unprefixed,
+)
+
+from ephemera.errors import InfraError, RemoteCommandError, TeardownError
+from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
+from ephemera.remote import CommandResult, LineSink, ShellRemote
+from ephemera.settings import get_settings
+
+TAIL_LINES = 200
+
+
+def _mask(env: Mapping[str, str] | None):
+    values = sorted({str(v) for v in (env or {}).values() if len(str(v)) >= 4}, key=len,
+                    reverse=True)
+
+    def apply(text: str) -> str:
+        for value in values:
+            text = text.replace(value, "***")
+        return text
+
+    return apply
+
+
+class LocalRemote(ShellRemote):
+    """Runs commands as local processes; copies are file copies. Relative paths and
+    commands without ``cwd`` are taken from the run's working directory."""
+
+    def __init__(self, workdir: Path | None = None, pgid_file: Path | None = None) -> None:
+        self.workdir = Path(workdir) if workdir else None
+        self.pgid_file = pgid_file
+
+    def _path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.workdir is not None:
+            p = self.workdir / p
+        return p
+
+    def _record(self, pgid: int) -> None:
+        if self.pgid_file is not None:
+            with open(self.pgid_file, "a", encoding="utf-8") as fh:
+                fh.write(f"{pgid}\n")
+
+    def run(self, command: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+            timeout: float | None = None, on_line: LineSink | None = None,
+            log_path: Path | None = None) -> CommandResult:
+        mask = _mask(env)
+        workdir = self._path(cwd) if cwd else self.workdir
+        proc = subprocess.Popen(
+            ["sh", "-c", command], cwd=workdir, env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._record(proc.pid)
+        lines: queue.Queue[bytes | None] = queue.Queue()
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                lines.put(raw)
+            lines.put(None)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        end = time.monotonic() + timeout if timeout else None
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
+        timed_out = False
+        try:
+            while True:
+                wait = 0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))
+                try:
+                    raw = lines.get(timeout=wait)
+                except queue.Empty:
+                    if end is not None and time.monotonic() >= end:
+                        timed_out = True
+                        break
+                    continue
+                if raw is None:
+                    break
+                line = mask(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                tail.append(line)
+                if log:
+                    log.write(line + "\n")
+                if on_line:
+                    on_line(line)
+        finally:
+            if log:
+                log.close()
+            if timed_out or proc.poll() is None:
+                _killpg(proc.pid)  # a timeout, or an exception from on_line
+        if timed_out:
+            proc.wait(timeout=10)
+            return CommandResult(exit_status=None, output_tail="\n".join(tail), timed_out=True)
+        status = proc.wait()
+        return CommandResult(exit_status=status, output_tail="\n".join(tail))
+
+    def start(self, command: str, *, env: Mapping[str, str] | None = None,
+              cwd: str | None = None, log_file: str) -> str:
+        handle = super().start(command, env=env, cwd=cwd or (str(self.workdir) if self.workdir else None),
+                               log_file=str(self._path(log_file)))
+        self._record(int(handle))
+        return handle
+
+    def put(self, local: Path, remote: str, *, timeout: float | None = None) -> None:
+        src, dest = Path(local), self._path(remote)
+        if not src.exists():
+            raise FileNotFoundError(f"nothing to upload: {src}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dest)
+
+    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
+        local = Path(local)
+        local.mkdir(parents=True, exist_ok=True)
+        pattern = str(self._path(remote))
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        written: list[Path] = []
+        for match in matches:
+            src = Path(match)
+            dest = local / src.name
+            if src.is_dir():
+                shutil.copytree(src, dest, dirs_exist_ok=True)
+                written.extend(p for p in sorted(dest.rglob("*")) if p.is_file())
+            elif src.is_file():
+                shutil.copy2(src, dest)
+                written.append(dest)
+        return written
+
+    def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+        if remote_host not in ("127.0.0.1", "localhost", "::1"):
+            raise InfraError(f"the local provider cannot forward to {remote_host}")
+        return remote_port
+
+    def close(self) -> None:
+        return None
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _meminfo_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+def nvidia_offers(provider: str, instance_type: str, text: str, vcpus: int,
+                  memory_gib: float) -> list[Offer]:
+    """Offers from ``nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits``
+    output: one offer for all GPUs of the first model (a machine is taken whole)."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[1].replace(".", "", 1).isdigit():
+            gpus.append((parts[0], float(parts[1]) / 1024))
+    if not gpus:
+        return []
+    name, mem = gpus[0]
+    return [Offer(provider=provider, instance_type=instance_type, region=None, gpu=name,
+                  gpu_count=len(gpus), gpu_memory_gib=round(mem, 2), vcpus=vcpus,
+                  memory_gib=memory_gib, price_per_hour=0.0, price_source="nvidia-smi")]
+
+
+class LocalProvider:
+    """Processes on this machine. See the module docstring."""
+
+    name: ClassVar[str] = "local"
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else get_settings().state_dir / "local"
+
+    @classmethod
+    def check(cls) -> tuple[bool, str]:
+        return True, "runs jobs as processes on this machine"
+
+    def describe(self) -> str:
+        return f"processes on this machine (work dirs in {self.root})"
+
+    # -- offers
+
+    def offers(self, request: OfferRequest) -> list[Offer]:
+        vcpus, mem = os.cpu_count() or 1, _meminfo_gib()
+        if shutil.which("nvidia-smi"):
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                    capture_output=True, text=True, timeout=30).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                out = ""
+            found = nvidia_offers(self.name, "local-gpu", out, vcpus, mem)
+            if found:
+                return found
+        return [Offer(provider=self.name, instance_type="local-cpu", region=None, gpu=None,
+                      gpu_count=0, gpu_memory_gib=0.0, vcpus=vcpus, memory_gib=mem,
+                      price_per_hour=0.0, price_source="this machine")]
+
+    # -- lifecycle
+
+    def _workdir(self, run_id: str) -> Path:
+        return self.root / check_run_id(run_id)
+
+    def _instance(self, record: dict, workdir: Path) -> Instance:
+        return Instance(
+            provider=self.name, id=record["id"], run_id=record["run_id"],
+            state=InstanceState.READY, labels=unprefixed(record.get("labels", {})),
+            instance_type=record.get("instance_type", "local-cpu"), workdir=str(workdir),
+            launched_at=datetime.fromisoformat(record["launched_at"]) if record.get("launched_at") else None,
+            data={"workdir": str(workdir), "watchdog_pid": str(record.get("watchdog_pid", ""))},
+        )
+
+    def _read(self, workdir: Path) -> dict | None:
+        try:
+            return json.loads((workdir / "labels.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def launch(self, spec: LaunchSpec) -> Instance:
+        workdir = self._workdir(spec.run_id)
+        existing = self._read(workdir)
+        if existing is not None:
+            return self._instance(existing, workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / ".pgids").touch()
+        out = subprocess.run(
+            ["sh", "-c", start_watchdog_command(str(workdir), int(spec.expires_at.timestamp()))],
+            capture_output=True, text=True, timeout=30, start_new_session=True)
+        pid = out.stdout.strip()
+        if out.returncode != 0 or not pid.isdigit():
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise InfraError(f"could not start the dead-man watchdog for {spec.run_id}: {out.stderr}")
+        record = {
+            "id": f"local-{spec.run_id}", "run_id": spec.run_id,
+            "labels": prefixed(dict(spec.labels)), "instance_type": spec.offer.instance_type,
+            "launched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "expires_at": spec.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
+            "watchdog_pid": int(pid),
+        }
+        tmp = workdir / "labels.json.tmp"
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.replace(workdir / "labels.json")
+        return self._instance(record, workdir)
+
+    def poll(self, instance: Instance) -> Instance:
+        workdir = Path(instance.data.get("workdir") or self._workdir(instance.run_id))
+        if self._read(workdir) is None:
+            return instance.evolve(state=InstanceState.TERMINATED, endpoint=None)
+        return instance.evolve(state=InstanceState.READY, workdir=str(workdir))
+
+    def terminate(self, instance: Instance) -> None:
+        workdir = instance.data.get("workdir") or str(self._workdir(instance.run_id))
+        result = subprocess.run(["sh", "-c", cleanup_script(workdir)], capture_output=True,
+                                text=True, timeout=60)
+        if result.returncode != 0 or Path(workdir).exists():
+            raise TeardownError(f"could not remove the local run directory {workdir}: "
+                                f"{result.stderr.strip() or 'still present'}")
+
+    def find(self, labels: Mapping[str, str]) -> list[Instance]:
+        found = []
+        if not self.root.is_dir():
+            return found
+        for workdir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            record = self._read(workdir)
+            if record is None:
+                continue
+            have = unprefixed(record.get("labels", {}))
+            if all(have.get(k) == v for k, v in labels.items()):
+                found.append(self._instance(record, workdir))
+        return found
+
+    def connect(self, instance: Instance) -> LocalRemote:
+        workdir = Path(instance.data.get("workdir") or self._workdir(instance.run_id))
+        if not workdir.is_dir():
+            raise RemoteCommandError(f"the local run directory {workdir} does not exist "
+                                     "(terminated or expired)")
+        return LocalRemote(workdir, workdir / ".pgids")

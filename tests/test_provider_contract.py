@@ -1,0 +1,82 @@
+"""The provider contract, checked the same way for every built-in provider.
+
+Each provider's fixture module defines ``contract_<name>``: an object with
+``.provider`` and ``.make_spec(run_id, expires_in_seconds=600)``. A provider whose
+fixture is missing fails here on purpose: every built-in must be covered.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from ephemera.provider import LABEL_KEYS, Instance, InstanceState, Provider
+
+PROVIDERS = ["local", "ssh", "docker", "aws"]
+
+
+@pytest.fixture(params=PROVIDERS)
+def contract(request):
+    name = request.param
+    try:
+        return request.getfixturevalue(f"contract_{name}")
+    except pytest.FixtureLookupError:
+        pytest.fail(f"no contract fixture 'contract_{name}': the {name} provider's fixture "
+                    "module must define it")
+
+
+def _run_id() -> str:
+    return f"ct-{uuid.uuid4().hex[:10]}"
+
+
+def _poll_until(provider, instance: Instance, states: set[InstanceState], seconds: float) -> Instance:
+    deadline = time.monotonic() + seconds
+    while True:
+        instance = provider.poll(instance)
+        if instance.state in states or time.monotonic() > deadline:
+            return instance
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(600)
+def test_lifecycle_contract(contract):
+    provider = contract.provider
+    assert isinstance(provider, Provider)
+    run_id = _run_id()
+    spec = contract.make_spec(run_id)
+    first = provider.launch(spec)
+    try:
+        again = provider.launch(spec)
+        assert again.id == first.id, "launch must be idempotent on the run id"
+        assert first.run_id == run_id
+
+        ready = _poll_until(provider, first, {InstanceState.READY, InstanceState.FAILED}, 480)
+        assert ready.state == InstanceState.READY, ready.message
+
+        for key in LABEL_KEYS:
+            assert ready.labels.get(key) == spec.labels[key], f"label {key} did not round-trip"
+
+        found = provider.find({"run-id": run_id})
+        assert [i.id for i in found] == [first.id]
+        assert all(found[0].labels.get(k) == spec.labels[k] for k in LABEL_KEYS)
+        assert provider.find({"run-id": run_id, "job": "some-other-job"}) == []
+    finally:
+        provider.terminate(first)
+    provider.terminate(first)  # twice is fine
+    assert provider.find({"run-id": run_id}) == []
+    gone = _poll_until(provider, first, {InstanceState.TERMINATED}, 120)
+    assert gone.state == InstanceState.TERMINATED
+
+
+@pytest.mark.timeout(300)
+def test_terminate_of_an_unknown_instance_succeeds(contract):
+    provider = contract.provider
+    run_id = _run_id()
+    # An id that is well-formed for the provider but names nothing.
+    ids = {"aws": "i-0" + uuid.uuid4().hex[:16], "docker": uuid.uuid4().hex * 2}
+    unknown = Instance(provider=provider.name, id=ids.get(provider.name, f"unknown-{run_id}"),
+                       run_id=run_id, state=InstanceState.RUNNING)
+    provider.terminate(unknown)
+    assert provider.find({"run-id": run_id}) == []
