@@ -36,6 +36,7 @@ from ephemera.provider import Offer, OfferRequest
 
 CPU_OVERHEAD_GIB = 1.5     # Python, torch and vLLM's own buffers on a CPU host
 TABLE_ROWS = 15
+RUNNERS_UP_SHOWN = 10      # the JSON lists this many runners-up (and counts the rest)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class Plan:
             "timeout_seconds": self.timeout_seconds,
             "kv_free_gib_per_gpu": round(self.kv_free_gib_per_gpu, 3),
             "max_full_length_requests": self.max_full_length_requests,
-            "runners_up": [c.to_dict() for c in self.runners_up],
+            "runners_up": [c.to_dict() for c in self.runners_up[:RUNNERS_UP_SHOWN]],
+            "runners_up_total": len(self.runners_up),
             "rejected": [r.to_dict() for r in self.rejected],
         }
 
