@@ -311,7 +311,7 @@ class Run:
             run_id=self.run_id, job_name=self.job.name, offer=offer, image=image, labels=labels,
             expires_at=expires_at, ssh_public_key=public_key, ssh_private_key_path=private_key,
             disk_gib=self.job.resources.disk_gib, gpu_count=max(tp, offer.gpu_count) if offer.gpu_count else 0,
-            ports=(self.job.server.port,), env={}, options=options,
+            ports=(self.job.server.port or 8000,), env={}, options=options,
         )
 
     def provision(self, image: str) -> None:
@@ -388,12 +388,34 @@ class Run:
             bind = "0.0.0.0"  # inside the container; the engine publishes it on the host's 127.0.0.1
         tp = self.plan.tensor_parallel_size if self.plan is not None else 1
         self.server_cmd = build_server_command(self.job, model_path=model_path, tensor_parallel_size=tp,
-                                               python=self.python, host=bind)
+                                               python=self.python, host=bind, port=self.server_port())
         with self.phase("server_start"):
             self._log(f"vLLM: {self.server_cmd.shell}")
             self.server_handle = self.remote.start(self._with_path(self.server_cmd.shell),
                                                    env=self.server_env(), cwd=self.workdir,
                                                    log_file=f"{self.workdir}/logs/vllm.log")
+
+    def server_port(self) -> int:
+        """The job's port, or a free one where the machine is shared with other runs."""
+        from ephemera.server import DEFAULT_PORT
+
+        if self.job.server.port:
+            return self.job.server.port
+        shared_host = self.provider_name == "local" or (
+            self.provider_name == "docker" and self.job.resources.docker.network == "host")
+        if shared_host:
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                return sock.getsockname()[1]
+        if self.provider_name == "ssh" and self.remote is not None:
+            probe = self.remote.run("python3 -c 'import socket; s=socket.socket(); "
+                                    "s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'", timeout=30)
+            lines = probe.output_tail.strip().splitlines()
+            if probe.ok and lines and lines[-1].isdigit():
+                return int(lines[-1])
+        return DEFAULT_PORT
 
     def _server_log_tail(self, lines: int = SERVER_LOG_TAIL) -> str:
         if self.remote is None:

@@ -79,7 +79,9 @@ class ServerSpec(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     args: list[str] = Field(default_factory=list, description="Extra vLLM arguments.")
     env: dict[str, str] = Field(default_factory=dict)
-    port: int = Field(8000, ge=1, le=65535, description="Port vLLM listens on (on the instance's loopback).")
+    port: int | None = Field(None, ge=1, le=65535, description=(
+        "Port vLLM listens on (on the instance's loopback). Default: a free port on machines "
+        "shared with other runs (local, ssh, docker host network), else 8000."))
     max_num_seqs: int | None = Field(None, gt=0)
     tensor_parallel_size: int | None = Field(None, gt=0, description="Force a TP size (default: the plan's).")
     launcher: Literal["auto", "vllm", "api_server"] = Field("auto", description=(

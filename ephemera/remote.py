@@ -88,7 +88,7 @@ def detached_command(command: str, *, env: Mapping[str, str] | None, cwd: str | 
     inner = env_prefix(env)
     if cwd:
         inner += f"cd {shlex.quote(cwd)} && "
-    inner += f"exec {command}"
+    inner += command
     return (
         f"mkdir -p $(dirname {shlex.quote(log_file)}) && "
         f"setsid sh -c {shlex.quote(inner)} > {shlex.quote(log_file)} 2>&1 < /dev/null & echo $!"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ephemera.job import BUILTIN_CPU_IMAGE, Job
 
+DEFAULT_PORT = 8000
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -64,20 +65,21 @@ def vllm_options(job: Job, *, tensor_parallel_size: int, host: str, port: int,
 
 def build_server_command(job: Job, *, model_path: str, tensor_parallel_size: int,
                          python: str | None = None, host: str = "127.0.0.1",
-                         launcher: str | None = None) -> ServerCommand:
+                         launcher: str | None = None, port: int | None = None) -> ServerCommand:
     """The vLLM command for this job. ``model_path`` is what vLLM loads (a hub id or a
     directory on the instance); the API serves it as the job's served name."""
     launcher = launcher or resolve_launcher(job)
     served = job.model.name_served
+    port = port or job.server.port or DEFAULT_PORT
     opts = vllm_options(job, tensor_parallel_size=tensor_parallel_size, host=host,
-                        port=job.server.port, served_name=served)
+                        port=port, served_name=served)
     if launcher == "vllm":
         argv = ["vllm", "serve", model_path, *opts]
     else:
         argv = [python or job.server.python, "-m", "vllm.entrypoints.openai.api_server",
                 "--model", model_path, *opts]
     return ServerCommand(launcher=launcher, argv=tuple(argv), served_name=served,
-                         port=job.server.port, env=dict(job.server.env))
+                         port=port, env=dict(job.server.env))
 
 
 @dataclass(frozen=True)
