@@ -180,6 +180,9 @@ def _connect(path: Path) -> sqlite3.Connection:
                           hint="Set EPHEMERA_HISTORY_DB or EPHEMERA_DATA_DIR to a writable place.") from None
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    # In WAL mode NORMAL never corrupts the file; a power cut may lose the last run's
+    # row, which `ephemera cost --import` can restore from its cost.json.
+    conn.execute("PRAGMA synchronous = NORMAL")
     return conn
 
 
