@@ -151,3 +151,28 @@ def test_result_step_sets_outputs(tmp_path, result, outcome, expected):
     assert run.returncode == 0, run.stderr
     lines = dict(line.split("=", 1) for line in output.read_text().splitlines())
     assert lines == expected
+
+
+def test_workflow_job_file_loads_with_the_strict_schema_for_every_tier(monkeypatch):
+    """The job the GPU workflow runs: the raw YAML (HF_TOKEN expanded) passes Job, and
+    each tier of the ladder merges into a valid job that does what its name says."""
+    from ephemera.job import Job
+    from ephemera.jobfile import deep_merge, load_job
+
+    path = ROOT / "jobs" / "qwen3-4b-aws.yaml"
+    assert "jobs/qwen3-4b-aws.yaml" in (ROOT / ".github" / "workflows" / "gpu-tests.yml").read_text()
+    raw = YAML(typ="safe").load(path.read_text())
+    raw["env"]["HF_TOKEN"] = raw["env"]["HF_TOKEN"].replace("${HF_TOKEN}", "hf_x")
+    base = Job.model_validate(raw)
+    assert set(base.tiers) == {"smoke", "full", "release"}
+    jobs = {name: Job.model_validate(deep_merge(raw, base.tiers[name])) for name in base.tiers}
+    smoke, full, release = jobs["smoke"], jobs["full"], jobs["release"]
+    assert smoke.model.precision == "int4" and "-m smoke" in smoke.suite.command
+    assert smoke.suite.timeout < full.suite.timeout < release.suite.timeout
+    assert full.model.precision == release.model.precision == "bf16"
+    assert release.model.max_model_len > full.model.max_model_len > smoke.model.max_model_len
+    assert release.suite.env["RUN_LOAD_TESTS"] == "1" and "RUN_LOAD_TESTS" not in full.suite.env
+    # and through the loader the CLI uses (env expansion, suite files present)
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    for tier in ("smoke", "full", "release"):
+        assert load_job(path, tier=tier).job.name == "qwen3-4b"
