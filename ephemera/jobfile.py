@@ -391,11 +391,14 @@ def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
 
 
 def _validate(data: dict[str, Any], locations: dict[Path_, tuple[int, int]], base_dir: Path,
-              check_provider: bool, prefix: str = "") -> tuple[Job | None, list[Problem]]:
+              check_provider: bool, prefix: str = "",
+              shown: dict[str, Any] | None = None) -> tuple[Job | None, list[Problem]]:
+    """``shown`` is the document before ${VAR} expansion: messages quote values from it,
+    so a secret taken from the environment never reaches a CI log."""
     try:
         job = Job.model_validate(data)
     except ValidationError as exc:
-        return None, _pydantic_problems(exc, data, locations, prefix)
+        return None, _pydantic_problems(exc, data if shown is None else shown, locations, prefix)
     return job, _semantic_problems(job, data, base_dir, locations, check_provider, prefix)
 
 
@@ -426,8 +429,9 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
         merged, merged_locations = _apply_tier(data, tier, locations, name)
     else:
         merged, merged_locations = data, locations
+    shown = _apply_tier(raw, tier, locations, name)[0] if tier is not None else raw
     job, found = _validate(merged, merged_locations, base_dir, check_provider,
-                           prefix="" if tier is None else "")
+                           prefix="" if tier is None else "", shown=shown)
     problems.extend(found)
 
     if check_all_tiers and isinstance(tiers, dict):
@@ -442,7 +446,8 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
                 problems.extend(p for p in exc.problems if (p.line, p.column, p.path) not in known)
                 continue
             _, tier_problems = _validate(other_data, other_locations, base_dir, check_provider,
-                                         prefix=f"[tier {other}] ")
+                                         prefix=f"[tier {other}] ",
+                                         shown=_apply_tier(raw, other, locations, name)[0])
             # Problems the base already has are reported once.
             seen = {(p.line, p.column, p.message) for p in problems}
             problems.extend(p for p in tier_problems if (p.line, p.column, p.message) not in seen)

@@ -323,3 +323,14 @@ def test_bad_settings_are_a_config_error_naming_the_setting(tmp_path: Path, monk
         get_settings()
     assert named in str(info.value) and str(config) in str(info.value)
     assert info.value.exit_code == 2
+
+
+def test_expanded_secret_is_not_quoted_in_a_type_error(tmp_path: Path):
+    path = write(tmp_path, BASE + "server:\n  port: ${PORT_SECRET}\n"
+                 "tiers:\n  big:\n    server: {max_num_seqs: '${PORT_SECRET}'}\n")
+    with pytest.raises(JobFileError) as info:
+        load_job(path, env={"PORT_SECRET": "hf_very_secret"})
+    text = str(info.value)
+    assert "hf_very_secret" not in text
+    assert f"{path}:8:9: server.port:" in text and "'${PORT_SECRET}'" in text
+    assert "[tier big] server.max_num_seqs" in text
