@@ -150,36 +150,31 @@ def test_summary_through_the_real_environment_in_a_child_process(tmp_path):
     assert "`j`: passed" in text and "actions/runs/123" in text
 
 
-def test_finish_reports_files_history_and_summary_agree(tmp_path):
-    from ephemera import history
-    from ephemera.cost import CostReport
-    from ephemera.reporting import finish_reports
 
+def test_cost_files_history_row_and_summary_agree(tmp_path):
+    """What the run's report stage writes, from one report: the three must agree."""
+    from ephemera import history
+    from ephemera.cost import CostReport, write_cost_files
+    from ephemera.history import RunRecord, record_run
+
+    final = report().with_outcome("failed", 1)
     artifacts = tmp_path / "runs" / "r-42"
     write(artifacts, "results/junit.xml", PYTEST_STYLE)
+    json_path, md_path = write_cost_files(final, artifacts)
+    record_run(RunRecord.from_report(final))
     summary_file = tmp_path / "step-summary.md"
-    outcome = finish_reports(report(), artifacts_dir=artifacts, status="failed", exit_code=1,
-                             environ={"GITHUB_STEP_SUMMARY": str(summary_file), **GITHUB_ENV})
-    assert not outcome.problems and outcome.recorded
-    saved = CostReport.from_json(outcome.cost_json)
+    env = {"GITHUB_STEP_SUMMARY": str(summary_file), **GITHUB_ENV}
+    append_step_summary(step_summary_markdown(
+        run_id=final.run_id, job=final.job, tier=final.tier, status=final.status,
+        exit_code=final.exit_code, report=final, junit=junit_in(artifacts),
+        artifacts_dir=artifacts, environ=env), environ=env)
+
+    saved = CostReport.from_json(json_path)
     row = history.get_run("r-42")
     assert saved.status == row["status"] == "failed" and row["exit_code"] == saved.exit_code == 1
     assert row["cost_usd"] == pytest.approx(saved.cost_usd)
     assert row["billed_seconds"] == saved.billed_seconds == 900
     assert row["phases"] == {"server_start": 300.0, "suite": 600.0}
-    md = outcome.cost_md.read_text()
-    summary = summary_file.read_text()
     money = f"${saved.cost_usd:.4f}"
-    assert money in md and money in summary
-    assert "2 passed, 1 failed" in summary
-
-
-def test_finish_reports_keeps_going_when_history_fails(tmp_path):
-    from ephemera.reporting import finish_reports
-
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
-    outcome = finish_reports(report(), artifacts_dir=tmp_path / "a", status="passed", exit_code=0,
-                             history_path=blocker / "h.sqlite3", environ={})
-    assert outcome.cost_json and outcome.cost_json.exists() and not outcome.recorded
-    assert any("history" in p for p in outcome.problems)
+    assert money in md_path.read_text() and money in summary_file.read_text()
+    assert "2 passed, 1 failed" in summary_file.read_text()
