@@ -1,0 +1,277 @@
+"""The ``ssh`` provider: run jobs on a machine that already exists (an on-prem GPU box).
+
+The target comes from the job's ``resources.ssh`` section (host, port, user, key,
+workroot, gpus) or from the settings ``EPHEMERA_SSH_HOST/PORT/USER/KEY/WORKROOT``.
+"Launching" makes an isolated working directory ``<workroot>/<run-id>`` on the host
+with a ``labels.json`` (so ``find`` and the reaper see it) and starts a detached
+watchdog there that ends the run at its expiry even if ephemera dies. Terminate kills
+every process group the run started (they are recorded in the directory), stops the
+watchdog and removes the directory; nothing else on the host is touched.
+
+``Instance.data`` carries the target and the pinned host key as plain strings, so
+another process (``ephemera down``) can terminate the run from the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shlex
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from ephemera_providers._deadman import (
+    check_run_id,
+    cleanup_script,
+    prefixed,
+    start_watchdog_command,
+    unprefixed,
+)
+from ephemera_providers.local import nvidia_offers
+
+from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownError
+from ephemera.provider import Endpoint, Instance, InstanceState, LaunchSpec, Offer, OfferRequest
+from ephemera.settings import get_settings
+from ephemera.ssh import HostKeyPin, SSHRemote, Target
+
+CONNECT_TIMEOUT = 30.0   # launch/terminate: the host exists, so it should answer soon
+POLL_TIMEOUT = 10.0      # poll must not hold the controller long
+
+
+def _target_fields(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``resources.ssh`` section, whether passed as the options themselves or
+    nested under an ``ssh`` key."""
+    if not options:
+        return {}
+    if "ssh" in options and isinstance(options["ssh"], Mapping):
+        return dict(options["ssh"])
+    return dict(options) if "host" in options else {}
+
+
+class SSHProvider:
+    """Jobs in a working directory on an existing host. See the module docstring."""
+
+    name: ClassVar[str] = "ssh"
+
+    def __init__(self, target: Mapping[str, Any] | None = None) -> None:
+        self.default = dict(target or {})
+
+    @classmethod
+    def check(cls) -> tuple[bool, str]:
+        settings = get_settings()
+        if settings.ssh_host:
+            return True, f"default host {settings.ssh_user}@{settings.ssh_host}:{settings.ssh_port}"
+        return True, "needs resources.ssh in the job or EPHEMERA_SSH_HOST"
+
+    def describe(self) -> str:
+        t = self._resolve(None)
+        return f"an existing host over SSH ({t['user']}@{t['host']}:{t['port']})" if t.get("host") \
+            else "an existing host over SSH (none configured)"
+
+    # -- target
+
+    def _resolve(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        settings = get_settings()
+        fields = _target_fields(options) or dict(self.default)
+        host = fields.get("host") or settings.ssh_host
+        key = fields.get("key") or (str(settings.ssh_key) if settings.ssh_key else None)
+        return {
+            "host": host,
+            "port": int(fields.get("port") or settings.ssh_port),
+            "user": fields.get("user") or settings.ssh_user,
+            "key": str(key) if key else None,
+            "workroot": fields.get("workroot") or settings.ssh_workroot,
+            "gpus": fields.get("gpus"),
+        }
+
+    def _target(self, fields: Mapping[str, Any]) -> Target:
+        if not fields.get("host"):
+            raise ConfigError("the ssh provider needs a host: set resources.ssh.host in the job "
+                              "or EPHEMERA_SSH_HOST.")
+        workroot = str(fields["workroot"])
+        if not workroot.startswith("/") or workroot.rstrip("/") == "" or "\n" in workroot:
+            raise ConfigError(f"resources.ssh.workroot must be an absolute directory below /, "
+                              f"not '{workroot}'")
+        return Target(host=fields["host"], port=int(fields["port"]), user=fields["user"],
+                      key_path=fields.get("key"))
+
+    def _from_instance(self, instance: Instance) -> dict[str, Any]:
+        data = instance.data
+        if data.get("host"):
+            return {"host": data["host"], "port": int(data.get("port") or 22),
+                    "user": data.get("user") or "root", "key": data.get("key") or None,
+                    "workroot": data.get("workroot") or posixpath.dirname(data.get("workdir", "")),
+                    "host_key": data.get("host_key") or None}
+        return self._resolve(None)
+
+    def _remote(self, fields: Mapping[str, Any], timeout: float,
+                pin: str | None = None) -> SSHRemote:
+        return SSHRemote(self._target(fields), pin=HostKeyPin(pin), connect_timeout=timeout,
+                         op_timeout=timeout)
+
+    # -- offers
+
+    def offers(self, request: OfferRequest) -> list[Offer]:
+        fields = self._resolve(None)
+        instance_type = f"ssh:{fields.get('host')}"
+        declared = fields.get("gpus")
+        if declared:
+            return [self._declared_offer(declared, instance_type)]
+        remote = self._remote(fields, CONNECT_TIMEOUT)
+        try:
+            result = remote.run(
+                "nproc; awk '/^MemTotal:/ {print $2}' /proc/meminfo; echo @@gpus; "
+                "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits "
+                "2>/dev/null || true", timeout=60)
+        finally:
+            remote.close()
+        if not result.ok:
+            raise InfraError(f"could not describe {fields['host']}: {result.output_tail[-300:]}")
+        head, _, gpu_text = result.output_tail.partition("@@gpus")
+        nums = head.split()
+        vcpus = int(nums[0]) if nums and nums[0].isdigit() else 1
+        mem = round(int(nums[1]) / 1024 / 1024, 1) if len(nums) > 1 and nums[1].isdigit() else 0.0
+        found = nvidia_offers(self.name, instance_type, gpu_text, vcpus, mem)
+        return found or [Offer(provider=self.name, instance_type=instance_type, region=None,
+                               gpu=None, gpu_count=0, gpu_memory_gib=0.0, vcpus=vcpus,
+                               memory_gib=mem, price_per_hour=0.0, price_source="declared host")]
+
+    def _declared_offer(self, gpus: list[dict[str, Any]], instance_type: str) -> Offer:
+        try:
+            first = gpus[0]
+            name = str(first["name"])
+            memory = float(first.get("memory_gib") or first["memory_mib"] / 1024)
+            count = sum(int(g.get("count", 1)) for g in gpus)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(
+                "resources.ssh.gpus: each entry needs 'name' and 'memory_gib' (or 'memory_mib'), "
+                f"optionally 'count' ({exc!r})") from None
+        return Offer(provider=self.name, instance_type=instance_type, region=None, gpu=name,
+                     gpu_count=count, gpu_memory_gib=memory, vcpus=0, memory_gib=0.0,
+                     price_per_hour=0.0, price_source="declared in resources.ssh.gpus")
+
+    # -- lifecycle
+
+    def _instance(self, fields: Mapping[str, Any], record: Mapping[str, Any], workdir: str,
+                  host_key: str | None) -> Instance:
+        endpoint = Endpoint(host=fields["host"], port=int(fields["port"]), user=fields["user"],
+                            key_path=fields.get("key"), host_key=host_key)
+        launched = record.get("launched_at")
+        return Instance(
+            provider=self.name, id=record["id"], run_id=record["run_id"],
+            state=InstanceState.READY, labels=unprefixed(dict(record.get("labels", {}))),
+            instance_type=f"ssh:{fields['host']}", endpoint=endpoint, workdir=workdir,
+            launched_at=datetime.fromisoformat(launched) if launched else None,
+            data={"host": str(fields["host"]), "port": str(fields["port"]),
+                  "user": str(fields["user"]), "key": str(fields.get("key") or ""),
+                  "workroot": str(fields["workroot"]), "workdir": workdir,
+                  "host_key": host_key or ""},
+        )
+
+    def launch(self, spec: LaunchSpec) -> Instance:
+        run_id = check_run_id(spec.run_id)
+        fields = self._resolve(spec.options)
+        self._target(fields)
+        workdir = posixpath.join(str(fields["workroot"]), run_id)
+        record = {
+            "id": f"ssh-{fields['host']}-{fields['port']}-{run_id}", "run_id": run_id,
+            "labels": prefixed(dict(spec.labels)),
+            "launched_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "expires_at": spec.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
+        }
+        q = shlex.quote(workdir)
+        # One round trip: reuse the directory of an earlier launch of the same run, or
+        # create it, start the watchdog and write labels.json last (it marks "ready").
+        script = (
+            f"if [ -f {q}/labels.json ]; then cat {q}/labels.json; exit 0; fi; "
+            f"mkdir -p {q} && : > {q}/.pgids && "
+            f"{{ {start_watchdog_command(workdir, int(spec.expires_at.timestamp()))}; }} && "
+            f"printf '%s\\n' {shlex.quote(json.dumps(record))} > {q}/labels.json.tmp && "
+            f"mv {q}/labels.json.tmp {q}/labels.json && cat {q}/labels.json"
+        )
+        remote = self._remote(fields, CONNECT_TIMEOUT)
+        try:
+            result = remote.run(script, timeout=60)
+        finally:
+            remote.close()
+        if not result.ok:
+            raise InfraError(f"could not prepare {workdir} on {fields['host']}: "
+                             f"{result.output_tail[-500:]}")
+        try:
+            stored = json.loads(result.output_tail.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise InfraError(f"unreadable labels.json in {workdir} on {fields['host']}: "
+                             f"{result.output_tail[-300:]}") from None
+        return self._instance(fields, stored, workdir, remote.pin.line)
+
+    def poll(self, instance: Instance) -> Instance:
+        fields = self._from_instance(instance)
+        workdir = instance.data.get("workdir") or posixpath.join(str(fields["workroot"]),
+                                                                  check_run_id(instance.run_id))
+        remote = self._remote(fields, POLL_TIMEOUT, fields.get("host_key"))
+        try:
+            result = remote.run(f"test -f {shlex.quote(workdir)}/labels.json && echo present "
+                                "|| echo absent", timeout=POLL_TIMEOUT)
+        except EphemeraError as exc:
+            return instance.evolve(message=f"host not answering: {exc}")
+        finally:
+            remote.close()
+        if result.output_tail.strip().endswith("absent"):
+            return instance.evolve(state=InstanceState.TERMINATED)
+        if not result.ok:
+            return instance.evolve(message=f"poll failed: {result.output_tail[-200:]}")
+        return instance.evolve(state=InstanceState.READY, workdir=workdir, message="")
+
+    def terminate(self, instance: Instance) -> None:
+        fields = self._from_instance(instance)
+        if instance.data.get("workdir"):
+            workdir = instance.data["workdir"]
+        else:
+            workdir = posixpath.join(str(fields["workroot"]), check_run_id(instance.run_id))
+        remote = self._remote(fields, CONNECT_TIMEOUT, fields.get("host_key"))
+        try:
+            result = remote.run(cleanup_script(workdir), timeout=60)
+        except EphemeraError as exc:
+            raise TeardownError(f"could not reach {fields['host']} to remove {workdir}: {exc}",
+                                hint="Its watchdog still ends the run at expires-at.") from None
+        finally:
+            remote.close()
+        if not result.ok:
+            raise TeardownError(f"could not remove {workdir} on {fields['host']}: "
+                                f"{result.output_tail[-300:]}")
+
+    def find(self, labels: Mapping[str, str]) -> list[Instance]:
+        fields = self._resolve(None)
+        if not fields.get("host"):
+            return []
+        root = shlex.quote(str(fields["workroot"]))
+        remote = self._remote(fields, CONNECT_TIMEOUT)
+        lines: list[str] = []
+        try:
+            result = remote.run(
+                f"for f in {root}/*/labels.json; do [ -f \"$f\" ] && "
+                "printf '%s\\t' \"$(dirname \"$f\")\" && head -n 1 \"$f\"; done; true",
+                timeout=60, on_line=lines.append)
+        finally:
+            remote.close()
+        if not result.ok:
+            raise InfraError(f"could not list runs on {fields['host']}: {result.output_tail[-300:]}")
+        found = []
+        for line in lines:
+            workdir, _, raw = line.partition("\t")
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            have = unprefixed(dict(record.get("labels", {})))
+            if all(have.get(k) == v for k, v in labels.items()):
+                found.append(self._instance(fields, record, workdir, remote.pin.line))
+        return found
+
+    def connect(self, instance: Instance) -> SSHRemote:
+        fields = self._from_instance(instance)
+        workdir = instance.data.get("workdir") or instance.workdir
+        remote = SSHRemote(self._target(fields), pin=HostKeyPin(fields.get("host_key")),
+                           pgid_file=posixpath.join(workdir, ".pgids") if workdir else None)
+        return remote
