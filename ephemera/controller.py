@@ -50,7 +50,6 @@ from ephemera.state import RunState, save_state
 # Providers whose instance runs the job's image itself (no container inside).
 _IMAGE_PROVIDERS = {"docker", "local"}
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
-EXPIRY_GRACE = timedelta(minutes=5)
 SERVER_LOG_TAIL = 50
 
 
@@ -254,10 +253,9 @@ class Run:
 
     # ---------------------------------------------------------------- stages
     def make_plan(self) -> Any:
-        from ephemera.plan import make_plan, offers_for_job
+        from ephemera.plan import plan_job
 
-        offers = offers_for_job(self.job, catalog=self.catalog, provider_name=self.provider_name)
-        return make_plan(self.job, offers, provider=self.provider_name)
+        return plan_job(self.job, catalog=self.catalog, provider_name=self.provider_name)
 
     def _model_source(self) -> tuple[Path | None, str]:
         """(local directory to upload or None, what vLLM loads when it is not uploaded)."""
@@ -302,7 +300,8 @@ class Run:
 
     def _launch_spec(self, offer: Offer, image: str, public_key: str | None,
                      private_key: str | None) -> LaunchSpec:
-        expires_at = datetime.now(UTC) + timedelta(seconds=self.job.timeout) + EXPIRY_GRACE
+        expires_at = (datetime.now(UTC) + timedelta(seconds=self.job.timeout)
+                      + timedelta(seconds=self.settings.expiry_grace_seconds))
         labels = make_labels(self.run_id, self.job.name, self.settings.owner, expires_at)
         labels.update({k: v for k, v in self.job.resources.tags.items() if k not in labels})
         tp = self.plan.tensor_parallel_size if self.plan is not None else 1
@@ -675,7 +674,9 @@ class Run:
             from ephemera.reporting import write_reports
 
             return write_reports(self, result)
-        except ImportError:
+        except Exception as exc:  # noqa: BLE001 - the run already tore down; report what we can
+            self.reporter.warn(f"cost report failed ({type(exc).__name__}: {exc}); "
+                               "showing price x wall time instead")
             end = self.terminated_at or datetime.now(UTC)
             seconds = (end - self.launched_at).total_seconds()
             return {"usd": round(self.offer.price_per_hour * seconds / 3600.0, 6),

@@ -1,62 +1,53 @@
-"""The end of a run's paperwork, in one call: ``cost.json`` and ``cost.md`` in the
-artifacts directory, the history row, and the GitHub step summary.
-
-Each of the three is attempted even when another fails: a locked history database
-must not cost the user the cost report, and none of them may hide the run's own
-result. Failures come back as messages for the run's log.
-"""
+"""The report stage of a run: cost files in the artifacts directory, the history row,
+and the GitHub step summary. Each part is best effort: a report that cannot be
+written is a warning, never a reason to fail a run that already tore down."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ephemera.cost import CostReport, write_cost_files
+if TYPE_CHECKING:  # pragma: no cover
+    from ephemera.controller import Run, RunResult
 
 
-@dataclass
-class ReportOutcome:
-    cost_json: Path | None = None
-    cost_md: Path | None = None
-    recorded: bool = False
-    step_summary: Path | None = None
-    problems: list[str] = field(default_factory=list)
-
-
-def finish_reports(
-    report: CostReport,
-    *,
-    artifacts_dir: str | os.PathLike[str],
-    status: str,
-    exit_code: int | None,
-    message: str | None = None,
-    history_path: Path | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> ReportOutcome:
-    """Write the cost files, record the run, append the step summary (when on GitHub).
-    ``report`` gets ``status``/``exit_code`` so that all three say the same."""
+def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
+    from ephemera.cost import PhaseTiming, compute_cost, min_billed_seconds_for, write_cost_files
     from ephemera.history import RunRecord, record_run
     from ephemera.summary import append_step_summary, junit_in, step_summary_markdown
 
-    final = report.with_outcome(status, exit_code)
-    outcome = ReportOutcome()
+    offer = run.offer
+    if offer is None:
+        return None
+    phases = [PhaseTiming(p.name, p.started_at, p.ended_at) for p in run.phases if p.ended_at is not None]
+    plan = run.plan
+    report = compute_cost(
+        run_id=run.run_id, job=run.job.name, tier=run.loaded.tier, model=run.job.model.id,
+        provider=run.provider_name, instance_type=offer.instance_type, region=offer.region,
+        spot=offer.spot, price_per_hour=offer.price_per_hour, price_source=offer.price_source,
+        launched_at=run.launched_at,
+        terminated_at=run.terminated_at if result.teardown_verified is not False else None,
+        phases=phases, min_billed_seconds=min_billed_seconds_for(run.provider_name, run.provider),
+        estimated_cost_usd=getattr(plan, "expected_cost_usd", None),
+        estimated_seconds=run.job.timeout, status=result.status, exit_code=result.exit_code,
+    )
+    out = report.to_dict()
     try:
-        outcome.cost_json, outcome.cost_md = write_cost_files(final, artifacts_dir)
+        json_path, md_path = write_cost_files(report, run.artifacts_dir)
+        out["files"] = [str(json_path), str(md_path)]
+        result.artifacts_dir = str(run.artifacts_dir)
     except OSError as exc:
-        outcome.problems.append(f"cannot write cost files in {artifacts_dir}: {exc}")
+        run.reporter.warn(f"could not write the cost report: {exc}")
     try:
-        record_run(RunRecord.from_report(final), path=history_path)
-        outcome.recorded = True
-    except Exception as exc:  # noqa: BLE001 - reported, never fatal to the run
-        outcome.problems.append(f"cannot record the run in the history: {exc}")
+        record_run(RunRecord.from_report(report), path=run.settings.history_path)
+    except Exception as exc:  # noqa: BLE001 - the history is not worth failing a run over
+        run.reporter.warn(f"could not record the run in the history ({run.settings.history_path}): {exc}")
     try:
         markdown = step_summary_markdown(
-            run_id=final.run_id, job=final.job, tier=final.tier, status=status,
-            exit_code=exit_code, report=final, junit=junit_in(artifacts_dir),
-            artifacts_dir=artifacts_dir, message=message, environ=environ)
-        outcome.step_summary = append_step_summary(markdown, environ=environ)
-    except Exception as exc:  # noqa: BLE001 - reported, never fatal to the run
-        outcome.problems.append(f"cannot write the step summary: {exc}")
-    return outcome
+            run_id=run.run_id, job=run.job.name, status=result.status, exit_code=result.exit_code,
+            tier=run.loaded.tier, report=report, junit=junit_in(run.artifacts_dir),
+            artifacts_dir=run.artifacts_dir, message=result.message)
+        append_step_summary(markdown)
+    except Exception as exc:  # noqa: BLE001
+        run.reporter.warn(f"could not write the GitHub step summary: {exc}")
+    out["usd"] = report.cost_usd
+    return out

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Field(default=Path("ephemera-runs"), description="Where runs' artifacts are pulled to.")
     default_provider: str = Field(default="local", description="Provider when the job names none.")
     owner: str = Field(default_factory=_default_owner, description="Written into every instance's owner label.")
+    expiry_grace_seconds: float = Field(default=300.0, ge=0, description=(
+        "How long past the job's deadline an instance may live before its dead-man switch ends it."))
     # AWS
     aws_region: str | None = Field(default=None, description="Default AWS region (else the AWS chain's).")
     aws_regions: list[str] = Field(default_factory=list, description="Regions to search/reap.")
