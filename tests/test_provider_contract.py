@@ -80,3 +80,38 @@ def test_terminate_of_an_unknown_instance_succeeds(contract):
                        run_id=run_id, state=InstanceState.RUNNING)
     provider.terminate(unknown)
     assert provider.find({"run-id": run_id}) == []
+
+
+def _providers_json(env: dict[str, str]) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ephemera", "providers", "--json"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    return {row["name"]: row for row in json.loads(out.stdout)["providers"]}
+
+
+@pytest.mark.timeout(120)
+def test_providers_command_lists_builtins_and_reports_a_broken_plugin(tmp_path):
+    """A third-party plugin whose module cannot be imported is listed as unusable,
+    with the reason, and the command still succeeds."""
+    import os
+
+    dist = tmp_path / "site" / "ephemera_broken_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ephemera-broken-plugin\n"
+                                   "Version: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[ephemera.providers]\nbroken = ephemera_missing_sdk_module:Provider\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    rows = _providers_json(env)
+    assert {"local", "ssh", "docker", "aws"} <= set(rows)
+    assert rows["local"]["usable"] is True
+    assert rows["local"]["target"] == "ephemera_providers.local:LocalProvider"
+    assert rows["ssh"]["distribution"] == "ephemera"
+    broken = rows["broken"]
+    assert broken["usable"] is False and broken["distribution"] == "ephemera-broken-plugin"
+    assert "ephemera_missing_sdk_module" in broken["detail"]
