@@ -127,8 +127,9 @@ def _imports_vllm(python: Path) -> bool:
     return out.returncode == 0
 
 
-def _remove_broken(python: Path, installed: dict[str, str], progress: Progress) -> None:
-    present = [name for name in BROKEN_PACKAGES if name in installed]
+def _remove_broken(python: Path, installed: dict[str, str], progress: Progress,
+                   removed: tuple[str, ...] = BROKEN_PACKAGES) -> None:
+    present = [name for name in removed if name in installed]
     if present:
         progress(f"removing {', '.join(present)} (they do not load beside the CPU torch)")
         _run([str(python), "-m", "pip", "uninstall", "-y", *present], progress, "pip uninstall")
@@ -154,20 +155,26 @@ def _write_marker(root: Path) -> None:
     tmp.replace(marker)
 
 
-def _build(venv: Path, progress: Progress) -> Path:
+def build_venv(venv: Path, progress: Progress, *, requirements: tuple[str, ...] = REQUIREMENTS,
+               removed: tuple[str, ...] = BROKEN_PACKAGES, check_module: str = "vllm") -> Path:
+    """Create ``venv`` from scratch with ``requirements`` (pip's configuration applies),
+    uninstall ``removed``, and check that ``check_module`` imports; return its Python."""
     if venv.exists():
         progress(f"removing the incomplete environment at {venv}")
         shutil.rmtree(venv)
     progress(f"creating a virtualenv at {venv}")
     _run([sys.executable, "-m", "venv", str(venv)], progress, "python -m venv")
     python = venv_python(venv)
-    progress(f"installing {' '.join(REQUIREMENTS)} (about 3.5 GB; pip's configuration applies)")
-    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", *REQUIREMENTS],
+    progress(f"installing {' '.join(requirements)} (pip's configuration applies)")
+    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", *requirements],
          progress, "pip install")
-    _remove_broken(python, _installed(python), progress)
-    if not _imports_vllm(python):
-        raise InfraError(f"vLLM does not import in the new environment at {venv}",
-                         hint=f"Try: {python} -c 'import vllm' to see why.")
+    _remove_broken(python, _installed(python), progress, removed)
+    check = subprocess.run([str(python), "-c", f"import {check_module}"], capture_output=True,
+                           text=True, timeout=300)
+    if check.returncode != 0:
+        raise InfraError(f"{check_module} does not import in the new environment at {venv}: "
+                         f"{check.stderr.strip().splitlines()[-1:] or ''}",
+                         hint=f"Try: {python} -c 'import {check_module}' to see why.")
     return python
 
 
@@ -186,7 +193,8 @@ def ensure_cpu_env(progress: Progress | None = None) -> Path:
         if _adoptable(venv_python(venv), progress):
             progress(f"adopted the existing CPU environment at {venv}")
         else:
-            _build(venv, progress)
+            progress("building the CPU environment (vLLM's CPU build, about 3.5 GB)")
+            build_venv(venv, progress)
             progress(f"built the CPU environment in {time.monotonic() - started:.0f}s")
         _write_marker(root)
     return venv_python()

@@ -10,6 +10,8 @@ is a hash of the recipe, so a second build is a no-op.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -242,7 +244,7 @@ def ensure_wheelhouse(progress: Progress) -> Path:
 
 
 def _build(client, base: str, house: Path, ref: str, progress: Progress) -> None:
-    repo, tag = ref.split(":")
+    repo = ref.split(":")[0]
     dockerfile = house / "Dockerfile"
     dockerfile.write_text(dockerfile_text())
     (house / ".dockerignore").write_text(".complete\n")
@@ -259,7 +261,8 @@ def _build(client, base: str, house: Path, ref: str, progress: Progress) -> None
     if last_error or _image_size(client, ref) is None:
         raise InfraError(f"docker build of {ref} failed: {last_error or 'no image produced'}")
     client.images.get(ref).tag(repo, "latest")
-    del tag
+    # The install stage holds the wheels and a second copy of the venv: drop it.
+    client.images.prune(filters={"dangling": True, "label": "dev.ephemera.stage=install"})
 
 
 def ensure_cpu_image(progress: Progress | None = None) -> str:
@@ -271,6 +274,29 @@ def ensure_cpu_image(progress: Progress | None = None) -> str:
     if _image_size(client, ref) is not None:
         progress(f"{ref} already built")
         return ref
+    with _build_lock():
+        if _image_size(client, ref) is not None:  # another process built it meanwhile
+            progress(f"{ref} already built")
+            return ref
+        return _build_all(client, ref, progress)
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """One build at a time across processes (two CI steps, parallel test sessions)."""
+    from ephemera.settings import get_settings
+
+    work = get_settings().cache_dir / "build"
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_all(client, ref: str, progress: Progress) -> str:
     started = time.monotonic()
     base = ensure_base(client, progress)
     house = ensure_wheelhouse(progress)

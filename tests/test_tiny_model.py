@@ -86,3 +86,22 @@ def test_second_call_is_a_no_op_and_generation_is_deterministic(tiny_model, tmp_
     assert _digest(other)["model.safetensors"] == before["model.safetensors"]
     assert _digest(other)["tokenizer.json"] == before["tokenizer.json"]
 
+
+
+@pytest.mark.timeout(600)
+def test_build_venv_from_scratch_with_pips_configuration(tmp_path):
+    """The build path on a small recipe: a new venv, pip with the machine's own
+    configuration, the listed packages removed, the import check run."""
+    from ephemera.errors import InfraError
+
+    lines: list[str] = []
+    venv = tmp_path / "venv"
+    python = cpu_env.build_venv(venv, lines.append, requirements=("iniconfig", "packaging"),
+                                removed=("packaging",), check_module="iniconfig")
+    assert python == venv / "bin" / "python" and python.exists()
+    installed = cpu_env._installed(python)
+    assert "iniconfig" in installed and "packaging" not in installed
+    assert any("removing packaging" in line for line in lines)
+    with pytest.raises(InfraError, match="no_such_module_here does not import"):
+        cpu_env.build_venv(venv, lines.append, requirements=("iniconfig",), removed=(),
+                           check_module="no_such_module_here")
