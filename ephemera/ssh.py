@@ -258,19 +258,25 @@ def connect(target: Target, *, deadline: float, pin: HostKeyPin | None = None,
     def attempt() -> paramiko.SSHClient:
         remaining = max(1.0, end - time.monotonic())
         per_try = min(attempt_timeout, remaining)
-        sock = None
+        sock = bastion = None
         try:
             if target.proxy_jump:
+                # The target is reached through a direct-tcpip channel of the bastion;
+                # the bastion's connection is closed with the target's (see close_client).
                 bastion = connect(_parse_jump(target.proxy_jump, target.key_path),
                                   deadline=per_try, attempt_timeout=per_try)
                 bt = bastion.get_transport()
                 assert bt is not None
                 sock = bt.open_channel("direct-tcpip", (target.host, target.port),
                                        ("127.0.0.1", 0), timeout=per_try)
-            return _connect_once(target, pin, per_try, sock=sock)
+            client = _connect_once(target, pin, per_try, sock=sock)
+            client._ephemera_bastion = bastion  # type: ignore[attr-defined]
+            return client
         except paramiko.BadHostKeyException as exc:
+            close_client(bastion)
             raise HostKeyChangedError(f"host key of {target.where} does not match: {exc}") from None
         except BaseException as exc:
+            close_client(bastion)
             last[:] = [exc]
             raise
 
@@ -292,6 +298,14 @@ def connect(target: Target, *, deadline: float, pin: HostKeyPin | None = None,
     raise TransientError(
         f"could not reach {target.where} over SSH within {deadline:.0f}s: "
         f"{type(exc).__name__ if exc else 'no attempt'}: {exc}") from None
+
+
+def close_client(client: paramiko.SSHClient | None) -> None:
+    """Close a client from :func:`connect` and the bastion connection it rides on."""
+    if client is None:
+        return
+    client.close()
+    close_client(getattr(client, "_ephemera_bastion", None))
 
 
 # ------------------------------------------------------------------------- helpers
@@ -400,8 +414,7 @@ class SSHRemote(ShellRemote):
         with self._lock:
             t = self._client.get_transport() if self._client else None
             if t is None or not t.is_active():
-                if self._client is not None:
-                    self._client.close()
+                close_client(self._client)
                 self._client = connect(self.target, deadline=self.connect_timeout, pin=self.pin)
                 t = self._client.get_transport()
             assert t is not None
@@ -598,9 +611,8 @@ class SSHRemote(ShellRemote):
             fwd.close()
         self._forwards.clear()
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            close_client(self._client)
+            self._client = None
 
 
 def _tail_hint(lines: _Lines) -> str | None:

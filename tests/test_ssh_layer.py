@@ -339,3 +339,62 @@ def test_commands_recorded_by_process_group(target, tmp_path):
         r.stop(handle, grace=1)
     finally:
         r.close()
+
+
+@pytest.mark.timeout(60)
+def test_proxy_jump_through_a_bastion(sshd, tmp_path):
+    """The target is reached through a direct-tcpip channel opened on the bastion
+    (here the same server plays both parts; the target address is its loopback)."""
+    from ephemera.provider import Endpoint
+
+    endpoint = Endpoint(host="127.0.0.1", port=sshd.port, user=sshd.user,
+                        key_path=sshd.key_path,
+                        proxy_jump=f"{sshd.user}@{sshd.host}:{sshd.port}")
+    r = SSHRemote.from_endpoint(endpoint, connect_timeout=20)
+    try:
+        result = r.run('echo "via $SSH_CONNECTION"', timeout=20)
+        assert result.ok
+        # The inner connection arrives from the bastion itself (127.0.0.1 -> 127.0.0.1).
+        assert result.output_tail.startswith("via 127.0.0.1 ")
+        bastion = r._client._ephemera_bastion
+        assert bastion is not None and bastion.get_transport().is_active()
+    finally:
+        r.close()
+    assert not bastion.get_transport() or not bastion.get_transport().is_active()
+
+
+@pytest.mark.timeout(90)
+def test_download_from_a_frozen_peer_fails_in_time_and_leaves_no_file(sshd, target, tmp_path):
+    from ephemera.errors import PhaseTimeoutError
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(64 * 1024 * 1024))
+    remote = SSHRemote(target, connect_timeout=5)
+    before = {p for p, _ in _descendants(sshd.pid)}
+    assert remote.run("true", timeout=20).ok
+    stopped: list[int] = []
+
+    def freeze() -> None:
+        time.sleep(0.3)
+        for pid, comm in _descendants(sshd.pid):
+            if comm.startswith("sshd") and pid not in before:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+
+    thread = threading.Thread(target=freeze)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises((PhaseTimeoutError, TransientError)):
+            remote.get(str(big), tmp_path / "back", timeout=4)
+        elapsed = time.monotonic() - started
+    finally:
+        thread.join()
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        remote.close()
+    assert stopped, "no sshd session process found to freeze"
+    assert elapsed < 4 + 10, f"download took {elapsed:.1f}s with a 4s deadline"
+    back = tmp_path / "back"
+    assert not (back / "big.bin").exists(), "a partial download was reported as a file"
+    assert not list(back.glob("*.part"))
