@@ -90,8 +90,10 @@ def test_exec_streams_lines_exit_status_env_and_cwd(launched, tmp_path):
                         env={"RUNTIME_VAR": "value-from-env"}, cwd=instance.workdir,
                         on_line=lines.append, log_path=log)
     assert result.exit_status == 3 and not result.timed_out
-    assert lines == ["hello", instance.workdir, "oops", "value-from-env"]
+    # Values of env given to run() are masked wherever output is written.
+    assert lines == ["hello", instance.workdir, "oops", "***"]
     assert log.read_text().splitlines() == lines
+    assert "value-from-env" not in result.output_tail
     # A missing working directory is a failure, not a silent run elsewhere.
     assert remote.run("true", cwd="/does/not/exist").exit_status == 125
 
