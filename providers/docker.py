@@ -5,8 +5,9 @@ The container's PID 1 is a dead-man switch: ``sleep`` until the run's expiry, un
 Docker's init so exec'd processes are reaped. With ``auto_remove`` the engine deletes
 the container when that sleep ends, so it disappears at ``expires-at`` even if
 ephemera was killed. Commands and file copies go through the Docker API (no sshd in
-the image). Ports are published on 127.0.0.1 only (bridge) unless the job asks for
-host networking.
+the image); with ``exec: ssh`` the image's own sshd is started with the run's key and
+the shared SSH channel is used instead. Ports are published on 127.0.0.1 only
+(bridge) unless the job asks for host networking.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ephemera_providers.docker_remote import DockerRemote
 from ephemera.errors import ConfigError, InfraError, TeardownError
 from ephemera.provider import (
     LABEL_KEYS,
+    Endpoint,
     Instance,
     InstanceState,
     LaunchSpec,
@@ -32,12 +34,18 @@ from ephemera.provider import (
     OfferRequest,
     parse_time,
 )
+from ephemera.remote import Remote
 
 __all__ = ["DockerProvider", "DockerRemote"]
 
 LABEL_PREFIX = "dev.ephemera."
 TAG_PREFIX = "dev.ephemera.tag."
 WORKROOT = "/ephemera"
+# Not canonical labels: how to reach the container over SSH (exec: ssh), kept on the
+# container so another process can connect from the container alone.
+SSH_PORT_LABEL = "dev.ephemera.ssh-port"
+SSH_KEY_LABEL = "dev.ephemera.ssh-public-key"
+SSH_KEY_PATH_LABEL = "dev.ephemera.ssh-key-path"
 TERMINATE_VERIFY_SECONDS = 20.0
 
 
@@ -75,9 +83,6 @@ def docker_options(options: Mapping[str, Any]) -> dict[str, Any]:
     exec_mode = raw.get("exec", "docker")
     if exec_mode not in ("docker", "ssh"):
         raise ConfigError(f"resources.docker.exec: must be 'docker' or 'ssh', not {exec_mode!r}")
-    if exec_mode == "ssh":
-        raise ConfigError("resources.docker.exec: 'ssh' is not supported by this version of the "
-                          "docker provider", hint="Use exec: docker (the default).")
     raw["network"] = network
     raw["exec"] = exec_mode
     raw.setdefault("shm_size", "1g")
@@ -105,6 +110,14 @@ def nvidia_gpus() -> list[tuple[str, float]]:
             except ValueError:
                 continue
     return gpus
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _state_of(status: str) -> InstanceState:
@@ -230,6 +243,16 @@ class DockerProvider:
                                   "host has none (nvidia-smi found no GPU)")
             kwargs["device_requests"] = [docker.types.DeviceRequest(
                 count=spec.gpu_count, capabilities=[["gpu"]])]
+        if opts["exec"] == "ssh":
+            if not spec.ssh_public_key:
+                raise ConfigError("resources.docker.exec: 'ssh' needs an SSH key for the run "
+                                  "(the launch carries no public key)")
+            ssh_port = _free_local_port() if opts["network"] == "host" else 22
+            if opts["network"] != "host":
+                kwargs["ports"]["22/tcp"] = ("127.0.0.1", None)
+            kwargs["labels"].update({SSH_PORT_LABEL: str(ssh_port),
+                                     SSH_KEY_LABEL: spec.ssh_public_key.strip(),
+                                     SSH_KEY_PATH_LABEL: spec.ssh_private_key_path or ""})
         mounts = opts.get("mounts") or []
         if mounts:
             kwargs["volumes"] = list(mounts)
@@ -243,7 +266,7 @@ class DockerProvider:
         return self._instance(container, spec.run_id, network=opts["network"])
 
     def _instance(self, container: Any, run_id: str, network: str | None = None,
-                  workdir: str | None = None) -> Instance:
+                  workdir: str | None = None, endpoint: Endpoint | None = None) -> Instance:
         attrs = container.attrs
         host_config = attrs.get("HostConfig") or {}
         network = network or ("host" if host_config.get("NetworkMode") == "host" else "bridge")
@@ -266,7 +289,9 @@ class DockerProvider:
             launched_at=parse_time(created[:19] + "Z") if created else None,
             message="" if state != InstanceState.FAILED else f"container is {container.status}",
             data={"container_id": container.id, "name": container.name, "network": network,
-                  "ports": json.dumps(ports, sort_keys=True)},
+                  "ports": json.dumps(ports, sort_keys=True),
+                  "exec": "ssh" if SSH_PORT_LABEL in (container.labels or {}) else "docker"},
+            endpoint=endpoint,
         )
 
     # -- poll / terminate / find ------------------------------------------------
@@ -287,11 +312,42 @@ class DockerProvider:
         if current.state != InstanceState.RUNNING:
             return current
         workdir = f"{WORKROOT}/{instance.run_id}"
+        endpoint = instance.endpoint
         if instance.state != InstanceState.READY:
             done = container.exec_run(["mkdir", "-p", workdir])
             if done.exit_code != 0:
                 return current.evolve(message=f"could not create {workdir} in the container")
-        return self._instance(container, instance.run_id, workdir=workdir)
+            if current.data.get("exec") == "ssh":
+                try:
+                    endpoint = self._start_sshd(container, current)
+                except InfraError as exc:
+                    return current.evolve(state=InstanceState.FAILED, message=exc.message)
+        return self._instance(container, instance.run_id, workdir=workdir, endpoint=endpoint)
+
+    def _start_sshd(self, container: Any, current: Instance) -> Endpoint:
+        """exec: ssh: authorise the run's key, start the image's sshd, pin its host key."""
+        labels = container.labels
+        port = int(labels[SSH_PORT_LABEL])
+        listen = "127.0.0.1" if current.data.get("network") == "host" else "0.0.0.0"
+        script = (
+            "test -x /usr/sbin/sshd || { echo 'no /usr/sbin/sshd in the image'; exit 3; }; "
+            "mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh && "
+            'printf "%s\\n" "$EPHEMERA_SSH_KEY" > /root/.ssh/authorized_keys && '
+            "chmod 600 /root/.ssh/authorized_keys && ssh-keygen -A >/dev/null && "
+            f"/usr/sbin/sshd -p {port} -o ListenAddress={listen} -o PasswordAuthentication=no "
+            "-o PermitRootLogin=prohibit-password && cat /etc/ssh/ssh_host_ed25519_key.pub"
+        )
+        done = container.exec_run(["sh", "-c", script],
+                                  environment={"EPHEMERA_SSH_KEY": labels[SSH_KEY_LABEL]})
+        output = done.output.decode(errors="replace").strip()
+        if done.exit_code != 0:
+            raise InfraError(f"exec: ssh: could not start sshd in the container: {output[-300:]}",
+                             hint="The image needs openssh-server, or use exec: docker.")
+        host_key = " ".join(output.splitlines()[-1].split()[:2])
+        ports = json.loads(current.data.get("ports") or "{}")
+        host_port = port if current.data.get("network") == "host" else int(ports["22"])
+        return Endpoint(host="127.0.0.1", port=host_port, user="root",
+                        key_path=labels.get(SSH_KEY_PATH_LABEL) or None, host_key=host_key)
 
     def terminate(self, instance: Instance) -> None:
         import docker
@@ -332,7 +388,13 @@ class DockerProvider:
         return out
 
     # -- connect -----------------------------------------------------------------
-    def connect(self, instance: Instance) -> DockerRemote:
+    def connect(self, instance: Instance) -> Remote:
+        if instance.data.get("exec") == "ssh":
+            from ephemera.ssh import SSHRemote
+
+            if instance.endpoint is None:
+                raise InfraError("exec: ssh: the container is not ready (no SSH endpoint yet)")
+            return SSHRemote.from_endpoint(instance.endpoint)
         ports = json.loads(instance.data.get("ports") or "{}")
         return DockerRemote(self.client, instance.data.get("container_id") or instance.id,
                             network=instance.data.get("network", "bridge"),

@@ -264,3 +264,45 @@ def test_dead_man_switch_survives_a_killed_ephemera(contract_docker, docker_engi
         time.sleep(0.5)
     gone_after = datetime.now(UTC) - launched_at
     assert timedelta(seconds=5) < gone_after < timedelta(seconds=30)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("network", ["host", "bridge"])
+def test_exec_over_ssh_option(contract_docker, tmp_path, network):
+    """exec: ssh starts the image's sshd with the run's key; commands and copies then go
+    over SSH (host key pinned from the container), on both network kinds."""
+    from ephemera.ssh import SSHRemote, generate_keypair
+
+    key_path, public = generate_keypair(tmp_path / "keys")
+    provider = contract_docker.provider
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "ssh_public_key": public,
+                         "ssh_private_key_path": str(key_path),
+                         "options": {"docker": {"network": network, "exec": "ssh"}}})
+    instance = provider.launch(spec)
+    try:
+        instance = _ready(provider, instance)
+        assert instance.data["exec"] == "ssh"
+        assert instance.endpoint.host == "127.0.0.1" and instance.endpoint.key_path == str(key_path)
+        assert instance.endpoint.host_key.startswith("ssh-ed25519 ")
+        remote = provider.connect(instance)
+        assert isinstance(remote, SSHRemote)
+        try:
+            result = remote.run("hostname; echo via-ssh", cwd=instance.workdir)
+            assert result.ok and result.output_tail.splitlines()[-1] == "via-ssh"
+            (tmp_path / "f.txt").write_text("over ssh\n")
+            remote.put(tmp_path / "f.txt", f"{instance.workdir}/f.txt")
+            got = remote.get(f"{instance.workdir}/f.txt", tmp_path / "back")
+            assert [p.read_text() for p in got] == ["over ssh\n"]
+        finally:
+            remote.close()
+    finally:
+        provider.terminate(instance)
+
+
+@pytest.mark.timeout(60)
+def test_exec_over_ssh_without_a_key_is_a_config_error(contract_docker):
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "options": {"docker": {"exec": "ssh"}}})
+    with pytest.raises(ConfigError, match="resources.docker.exec"):
+        contract_docker.provider.launch(spec)
