@@ -15,18 +15,22 @@ from ephemera.remote import CommandResult, LineSink, Remote, ShellRemote
 
 
 class ContainerRemote(ShellRemote):
-    def __init__(self, host: Remote, name: str, workdir: str) -> None:
+    def __init__(self, host: Remote, name: str, workdir: str, run_id: str = "") -> None:
         self.host = host
         self.name = name
         self.workdir = workdir
+        self.run_id = run_id
 
-    def start_container(self, image: str, *, gpus: int, shm_size: str = "1g",
+    def start_container(self, image: str, *, gpus: int, lifetime_seconds: int, shm_size: str = "1g",
                         timeout: float = 900) -> None:
+        """Start the run's container. Its main process sleeps for ``lifetime_seconds`` (up
+        to the run's expiry) and ``--rm`` removes it then: a dead-man switch of its own."""
         gpu_flag = "--gpus all " if gpus > 0 else ""
         cmd = (f"docker rm -f {self.name} >/dev/null 2>&1; "
-               f"docker run -d --name {self.name} {gpu_flag}--network host --ipc host "
+               f"docker run -d --rm --name {self.name} {gpu_flag}--network host --ipc host "
                f"--shm-size {shm_size} -v {shlex.quote(self.workdir)}:{shlex.quote(self.workdir)} "
-               f"--label dev.ephemera.container=run --entrypoint sleep {shlex.quote(image)} infinity")
+               f"--label dev.ephemera.run-id={shlex.quote(self.run_id)} "
+               f"--entrypoint sleep {shlex.quote(image)} {max(1, int(lifetime_seconds))}")
         result = self.host.run(cmd, timeout=timeout)
         if not result.ok:
             tail = result.output_tail[-800:]

@@ -488,6 +488,38 @@ class Run:
             self._log(f"suite exited with status {result.exit_status}")
             return result.exit_status if result.exit_status is not None else 1
 
+    def _ensure_channel(self) -> None:
+        """A channel that stopped answering (a frozen peer, a dropped tunnel) is replaced by
+        a fresh connection before the logs are pulled, instead of waiting on the old one."""
+        assert self.remote is not None
+        try:
+            if self.remote.run("true", timeout=10).ok:
+                return
+        except Interrupted:
+            raise
+        except Exception:  # noqa: BLE001
+            pass
+        if self.provider is None or self.instance is None:
+            return
+        self.reporter.warn("the channel to the instance stopped answering; reconnecting to collect the logs")
+        old = self.remote
+        try:
+            fresh = self.provider.connect(self.instance)
+        except Exception as exc:  # noqa: BLE001
+            self.reporter.warn(f"reconnect failed: {type(exc).__name__}: {exc}")
+            return
+        from ephemera.container import ContainerRemote
+
+        stale = old.host if isinstance(old, ContainerRemote) else old
+        if isinstance(old, ContainerRemote):
+            old.host = fresh
+        else:
+            self.remote = fresh
+        import threading
+
+        # Closing a transport whose peer is frozen may block: do it off the main thread.
+        threading.Thread(target=stale.close, daemon=True).start()
+
     def collect(self, budget: float) -> None:
         if self.remote is None:
             return
@@ -500,6 +532,7 @@ class Run:
             remote_path = entry if entry.startswith("/") else f"{wd}/suite/{entry}"
             wanted.append((remote_path, self.artifacts_dir))
         with self.phase("collect"):
+            self._ensure_channel()
             for remote_path, local in wanted:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -515,6 +548,17 @@ class Run:
                     self.reporter.warn(f"could not collect {remote_path}: {type(exc).__name__}: {exc}")
             self._log(f"artifacts in {self.artifacts_dir}")
 
+    @staticmethod
+    def _close_quietly(remote: Remote) -> None:
+        from ephemera.container import ContainerRemote
+
+        try:
+            if isinstance(remote, ContainerRemote):
+                remote.remove_container()
+            remote.close()
+        except Exception:  # noqa: BLE001
+            pass
+
     def teardown(self) -> bool:
         from ephemera.teardown import teardown_run
 
@@ -526,15 +570,15 @@ class Run:
         with self.phase("teardown"):
             self._write_state("tearing-down")
             if self.remote is not None:
-                try:
-                    if self.server_handle:
-                        self.remote.stop(self.server_handle, grace=2.0)
-                except Exception as exc:  # noqa: BLE001
-                    self._log(f"stopping vLLM: {type(exc).__name__}: {exc} (the instance goes anyway)")
-                try:
-                    self.remote.close()
-                except Exception:  # noqa: BLE001
-                    pass
+                # The provider ends every process of the run; the channel only needs closing,
+                # which must not hold up the teardown if the peer stopped answering.
+                import threading
+
+                closer = threading.Thread(target=self._close_quietly, args=(self.remote,), daemon=True)
+                closer.start()
+                from ephemera.container import ContainerRemote
+
+                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 2.0)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
             self.terminated_at = datetime.now(UTC)
             if result.verified:
@@ -609,10 +653,12 @@ class Run:
                         and image != "host":
                     from ephemera.container import ContainerRemote
 
-                    container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir)
+                    container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir, self.run_id)
                     self.remote.run(f"mkdir -p {shlex.quote(self.workdir)}", timeout=60)
                     with self.phase("image", image):
+                        lifetime = (self.state.expires_at - datetime.now(UTC)).total_seconds() if self.state else 3600
                         container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
+                                                  lifetime_seconds=int(lifetime),
                                                   timeout=max(60.0, self.work_deadline - time.monotonic()))
                     self.remote = container
                 self._check_stop()

@@ -24,6 +24,19 @@ def command(job_file: str, tier: str | None, provider_name: str | None, catalog:
     Exit codes: 0 the suite passed, 1 it failed, 2 bad input, 3 infrastructure
     failure, 4 timeout, 5 teardown not verified, 128+N stopped by signal N.
     """
+    from ephemera.errors import EphemeraError
+
+    try:
+        _run(job_file, tier, provider_name, catalog, dry_run, as_json)
+    except EphemeraError as exc:
+        if as_json:  # CI steps read stdout: give them an object even when nothing ran
+            click.echo(json.dumps({"run_id": None, "status": "error", "exit_code": exc.exit_code,
+                                   "error": exc.kind, "message": exc.message}, indent=2))
+        raise
+
+
+def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Path | None,
+         dry_run: bool, as_json: bool) -> None:
     from ephemera.controller import Run
     from ephemera.jobfile import load_job
     from ephemera.progress import Reporter

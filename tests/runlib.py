@@ -1,0 +1,138 @@
+"""Helpers for end-to-end run tests: write a job file, start `ephemera run` as a real
+subprocess (so signals are real), wait for a phase, and look for leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = REPO / "jobs"
+EPHEMERA = [sys.executable, "-m", "ephemera"]
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def write_job(directory: Path, template: str, changes: dict[str, Any] | None = None,
+              drop: tuple[str, ...] = ("tiers",)) -> Path:
+    """A copy of jobs/<template> (with its suite files) in ``directory``, changed."""
+    yaml = YAML()
+    data = yaml.load((JOBS / template).read_text())
+    data = json.loads(json.dumps(data))  # plain dicts
+    for key in drop:
+        data.pop(key, None)
+    deep_update(data, changes or {})
+    suites = directory / "suites"
+    if not suites.exists():
+        shutil.copytree(JOBS / "suites", suites)
+    path = directory / f"{data['name']}.yaml"
+    with path.open("w") as fh:
+        yaml.dump(data, fh)
+    return path
+
+
+class RunProcess:
+    """`ephemera run JOB --json` in its own process group, like a CI step."""
+
+    def __init__(self, job: Path, env: dict[str, str], *args: str, cwd: Path | None = None) -> None:
+        self.stdout_path = job.parent / f"{job.stem}.stdout"
+        self.stderr_path = job.parent / f"{job.stem}.stderr"
+        self._out = self.stdout_path.open("w")
+        self._err = self.stderr_path.open("w")
+        self.proc = subprocess.Popen([*EPHEMERA, "run", str(job), "--json", *args],
+                                     stdout=self._out, stderr=self._err, env=env,
+                                     cwd=cwd or job.parent, start_new_session=True)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.stderr:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run exited ({self.proc.returncode}) before '{text}':\n{self.stderr[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"'{text}' not seen within {timeout}s:\n{self.stderr[-3000:]}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def finish(self, timeout: float) -> tuple[int, dict[str, Any] | None]:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._out.close()
+            self._err.close()
+        text = self.stdout_path.read_text()
+        return code, (json.loads(text) if text.strip() else None)
+
+    def run_id(self) -> str:
+        for line in self.stderr.splitlines():
+            if "] run " in line and ": job " in line:
+                return line.split("] run ", 1)[1].split(":", 1)[0]
+        raise AssertionError("no run id in the output yet")
+
+
+def processes_of(run_id: str) -> list[tuple[int, str]]:
+    """Processes on this machine whose command line or working directory names the run."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                cwd = ""
+        except OSError:
+            continue
+        if run_id in cmdline or run_id in cwd:
+            found.append((int(entry), cmdline[:200]))
+    return found
+
+
+def wait_no_processes(run_id: str, timeout: float = 10.0) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + timeout
+    left = processes_of(run_id)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = processes_of(run_id)
+    return left
+
+
+def ephemera(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*EPHEMERA, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("GITHUB_ACTIONS", None)
+    env.pop("GITHUB_STEP_SUMMARY", None)
+    env.update(extra)
+    return env
+
+
+SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP, "KILL": signal.SIGKILL}

