@@ -48,14 +48,8 @@ from ephemera_providers.aws_errors import (
 )
 from ephemera_providers.aws_userdata import user_data
 
-from ephemera.errors import (
-    ConfigError,
-    InfraError,
-    NoCapacityError,
-    QuotaError,
-)
+from ephemera.errors import ConfigError, InfraError, NoCapacityError, QuotaError
 from ephemera.provider import (
-    LABEL_EXPIRES_AT,
     LABEL_KEYS,
     LABEL_RUN_ID,
     Endpoint,
@@ -64,7 +58,6 @@ from ephemera.provider import (
     LaunchSpec,
     Offer,
     OfferRequest,
-    parse_time,
 )
 
 DLAMI_PARAMETER = (
@@ -250,9 +243,6 @@ class AWSProvider:
         cache when there is one."""
         from ephemera import catalog
 
-        cached = catalog.load_cached_offers("aws")
-        if cached:
-            return [o for o in cached if _offer_matches(o, request)]
         return list(catalog.builtin_aws_offers(request))
 
     # ------------------------------------------------------------------ launch
@@ -559,9 +549,9 @@ class AWSProvider:
     # -------------------------------------------------------------------- poll
 
     def poll(self, instance: Instance) -> Instance:
+        region = instance.region or instance.data.get("region") or self.default_region()
         if instance.data.get("kind"):
-            return instance
-        region = instance.region or self.default_region()
+            return self._poll_orphan(instance, region)
         raw = self._describe_one(region, instance.id)
         if raw is None:
             launched = instance.launched_at
@@ -584,6 +574,22 @@ class AWSProvider:
         workroot = getattr(self.settings, "ssh_workroot", "/tmp/ephemera")
         return instance.evolve(state=InstanceState.READY, endpoint=endpoint,
                                workdir=f"{workroot}/{instance.run_id}", message="ready")
+
+    def _poll_orphan(self, item: Instance, region: str) -> Instance:
+        """A left-over group or key pair (from ``find``): TERMINATED once it is deleted."""
+        from botocore.exceptions import ClientError
+
+        kind = item.data["kind"]
+        try:
+            if kind == "security-group":
+                self._call_raw("ec2", region, "describe_security_groups", GroupIds=[item.id])
+            else:
+                self._call_raw("ec2", region, "describe_key_pairs", KeyNames=[item.id])
+        except ClientError as exc:
+            if classify(exc) is Kind.NOT_FOUND:
+                return item.evolve(state=InstanceState.TERMINATED, message=f"{kind} deleted")
+            raise to_ephemera_error(exc, f"Describe {kind}", region) from exc
+        return item
 
     def _endpoint(self, raw: Mapping[str, Any], instance: Instance) -> Endpoint | None:
         """Where SSH reaches the instance: the override (bastion forward, tests), the
@@ -681,8 +687,11 @@ class AWSProvider:
 
     def find(self, labels: Mapping[str, str], regions: Iterable[str] | None = None) -> list[Instance]:
         """Live instances carrying all ``labels``, plus security groups and key pairs
-        that ephemera made and no live instance uses any more (state FAILED, with
-        ``data["kind"]`` saying which), across the configured regions."""
+        tagged by ephemera that no live instance uses any more (state FAILED, with
+        ``data["kind"]`` saying which), across the configured regions. The reaper and
+        teardown treat those like instances: ``terminate`` deletes them and ``poll``
+        says TERMINATED once they are gone. Only resources carrying the
+        ``ephemera:run-id`` tag are ever returned."""
         filters = [{"Name": "tag-key", "Values": [tag_key(LABEL_RUN_ID)]}]
         filters += [{"Name": f"tag:{tag_key(k)}", "Values": [str(v)]} for k, v in labels.items()]
         found: list[Instance] = []
@@ -705,21 +714,6 @@ class AWSProvider:
                     found.append(_orphan("key-pair", key["KeyName"], region,
                                          from_tags(key.get("Tags"))))
         return found
-
-    def reap(self, *, owner: str | None = None, dry_run: bool = False,
-             now: datetime | None = None, regions: Iterable[str] | None = None) -> list[Instance]:
-        """Terminate what ephemera left behind: only resources tagged with a run id and an
-        ``expires-at`` in the past (and ``owner``, when given). Instances go first, so
-        their groups are freed for a later pass. Returns what was (or, with
-        ``dry_run``, would be) removed."""
-        moment = now or datetime.now(UTC)
-        labels = {"owner": owner} if owner else {}
-        doomed = [i for i in self.find(labels, regions) if _expired(i, moment)]
-        doomed.sort(key=lambda i: bool(i.data.get("kind")))
-        if not dry_run:
-            for item in doomed:
-                self.terminate(item)
-        return doomed
 
     # ----------------------------------------------------------------- connect
 
@@ -824,28 +818,6 @@ def _orphan(kind: str, ident: str, region: str, labels: Mapping[str, str]) -> In
                     state=InstanceState.FAILED, labels=dict(labels), region=region,
                     message=f"orphaned {kind} (no live instance uses it)",
                     data={"kind": kind, "region": region})
-
-
-def _expired(item: Instance, now: datetime) -> bool:
-    raw = item.labels.get(LABEL_EXPIRES_AT)
-    if not item.labels.get(LABEL_RUN_ID) or not raw:
-        return False
-    try:
-        return parse_time(raw) < now
-    except ValueError:
-        return False
-
-
-def _offer_matches(offer: Offer, request: OfferRequest) -> bool:
-    if request.instance_type and offer.instance_type != request.instance_type:
-        return False
-    if request.gpu and (offer.gpu or "").lower() != request.gpu.lower():
-        return False
-    if request.max_price_per_hour is not None and offer.price_per_hour > request.max_price_per_hour:
-        return False
-    if request.regions and offer.region and offer.region not in request.regions:
-        return False
-    return request.spot == offer.spot
 
 
 def _is_boto_error(exc: BaseException) -> bool:

@@ -258,9 +258,10 @@ def test_poll_ready_then_terminate_verified(aws, aws_env):
     assert aws.provider.poll(again).state is InstanceState.TERMINATED
 
 
-def test_poll_without_address_is_running_not_ready(aws, monkeypatch):
-    from ephemera.settings import reset_settings
+def test_private_address_behind_bastion(aws, monkeypatch):
     from ephemera_providers.aws import AWSProvider
+
+    from ephemera.settings import reset_settings
 
     monkeypatch.delenv("EPHEMERA_AWS_SSH_HOST_OVERRIDE")
     monkeypatch.setenv("EPHEMERA_AWS_USE_PRIVATE_IP", "true")
@@ -284,6 +285,16 @@ def _launch_for(aws, run_id, owner, expires):
     return aws.provider.launch(spec)
 
 
+def _reap(**kwargs):
+    from ephemera.reaper import reap
+
+    return reap(["aws"], now=datetime.now(UTC), log=lambda m: None, **kwargs)
+
+
+def _state(instance_id):
+    return describe(instance_id)["State"]["Name"]
+
+
 def test_reap_removes_only_expired(aws):
     now = datetime.now(UTC)
     past, future = now - timedelta(minutes=5), now + timedelta(hours=1)
@@ -296,25 +307,35 @@ def test_reap_removes_only_expired(aws):
     # A group that merely looks like ephemera's (no tags) is never touched.
     ec2().create_security_group(GroupName="ephemera-handmade", Description="not ours")
 
-    planned = aws.provider.reap(owner="tester", dry_run=True)
-    assert sorted(i.id for i in planned if not i.data.get("kind")) == [old.id]
-    assert sorted(i.data["kind"] for i in planned if i.data.get("kind")) == ["key-pair", "security-group"]
-    assert describe(old.id)["State"]["Name"] == "running" or describe(old.id)["State"]["Name"] == "pending"
+    planned = _reap(owner="tester", dry_run=True)
+    assert sorted(i["run_id"] for i in planned.expired) == ["run-old", "run-orphan", "run-orphan"]
+    assert _state(old.id) in ("pending", "running")
+    assert "ephemera-run-orphan" in ephemera_leftovers("us-east-1")
 
-    aws.provider.reap(owner="tester")
-    assert describe(old.id)["State"]["Name"] == "terminated"
-    assert describe(fresh.id)["State"]["Name"] in ("pending", "running")
-    assert describe(other.id)["State"]["Name"] in ("pending", "running")
+    done = _reap(owner="tester", dry_run=False)
+    assert all(item["verified"] for item in done.expired), done.expired
+    assert _state(old.id) == "terminated"
+    assert _state(fresh.id) in ("pending", "running")
+    assert _state(other.id) in ("pending", "running")
     names = ephemera_leftovers("us-east-1")
-    assert "ephemera-run-orphan" not in names and "ephemera-handmade" in names
-    assert "ephemera-run-fresh" in names and "ephemera-run-other" in names
-    # A second pass frees the group of the instance terminated in the first.
-    aws.provider.reap(owner="tester")
-    assert "ephemera-run-old" not in ephemera_leftovers("us-east-1")
-    # Without an owner, every expired run goes.
-    aws.provider.reap()
-    assert describe(other.id)["State"]["Name"] == "terminated"
-    assert describe(fresh.id)["State"]["Name"] in ("pending", "running")
+    for gone in ("ephemera-run-orphan", "ephemera-run-old"):
+        assert gone not in names
+    assert {"ephemera-handmade", "ephemera-run-fresh", "ephemera-run-other"} <= set(names)
+    # Without an owner, every expired run goes; the fresh one stays.
+    _reap(owner=None, dry_run=False)
+    assert _state(other.id) == "terminated" and _state(fresh.id) in ("pending", "running")
+
+
+def test_reap_cli_dry_run_lists_and_touches_nothing(aws):
+    from click.testing import CliRunner
+
+    from ephemera.cli import cli
+
+    old = _launch_for(aws, "run-cli", "tester", datetime.now(UTC) - timedelta(minutes=1))
+    result = CliRunner().invoke(cli, ["reap", "--provider", "aws", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"would terminate: aws {old.id} (run run-cli" in result.output
+    assert _state(old.id) in ("pending", "running")
 
 
 def test_find_by_labels(aws):
