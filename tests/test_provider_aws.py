@@ -8,6 +8,7 @@ calls with an AWS error and lets the rest through to moto unchanged.
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime, timedelta
 
 import boto3
@@ -352,3 +353,51 @@ def test_check_reports_credentials(aws_env):
 
     ok, detail = AWSProvider.check()
     assert ok and "credentials from env" in detail
+
+
+def _price_list_entry(instance_type: str, region: str, usd: str) -> str:
+    """One GetProducts PriceList item, shaped like AWS's (trimmed to what is read)."""
+    return json.dumps({
+        "product": {"productFamily": "Compute Instance", "attributes": {
+            "instanceType": instance_type, "regionCode": region, "operatingSystem": "Linux",
+            "tenancy": "Shared", "preInstalledSw": "NA", "capacitystatus": "Used"}},
+        "serviceCode": "AmazonEC2",
+        "terms": {"OnDemand": {"SKU.JRTCKXETXF": {"priceDimensions": {
+            "SKU.JRTCKXETXF.6YS6EN2CT7": {"unit": "Hrs", "pricePerUnit": {"USD": usd},
+                                          "description": f"${usd} per On Demand Linux {instance_type}"}}}}},
+    })
+
+
+def test_catalog_refresh_aws(aws, monkeypatch):
+    """Price List API answers through botocore's Stubber (moto answers 500 there); spot
+    price history from moto; the result lands in the user's cache and planning uses it."""
+    from botocore.stub import ANY, Stubber
+    from click.testing import CliRunner
+    from ephemera_providers import aws_prices
+
+    from ephemera.catalog import builtin_aws_catalog, load_cached_offers
+    from ephemera.cli import cli
+
+    types = sorted({o.instance_type for o in builtin_aws_catalog() if o.provider == "aws"})
+    stub = Stubber(aws.provider.client("pricing", "us-east-1"))
+    for kind in types:
+        listed = [_price_list_entry(kind, "us-west-2", "1.2345")] if kind == "g5.xlarge" else []
+        stub.add_response("get_products", {"FormatVersion": "aws_v1", "PriceList": listed},
+                          {"ServiceCode": "AmazonEC2", "Filters": ANY, "MaxResults": 100})
+    monkeypatch.setattr(aws_prices, "make_provider", lambda: aws.provider)
+    with stub:
+        result = CliRunner().invoke(cli, ["catalog", "refresh", "aws", "--region", "us-west-2", "--json"])
+    assert result.exit_code == 0, result.output
+    stub.assert_no_pending_responses()
+    cached = load_cached_offers("aws")
+    on_demand = [o for o in cached if not o.spot]
+    assert [(o.instance_type, o.region, o.price_per_hour) for o in on_demand] == [
+        ("g5.xlarge", "us-west-2", 1.2345)]
+    assert on_demand[0].gpu == "A10G" and "Price List API" in on_demand[0].price_source
+    spot = [o for o in cached if o.spot]
+    assert spot and all(o.instance_type == "g5.xlarge" and o.price_per_hour > 0 for o in spot)
+    # Planning now sees the refreshed price.
+    from ephemera.provider import OfferRequest
+    assert [o.price_per_hour for o in aws.provider.offers(OfferRequest())] == [1.2345]
+    shown = CliRunner().invoke(cli, ["catalog", "show", "aws"])
+    assert shown.exit_code == 0 and "1.2345" in shown.output
