@@ -655,10 +655,12 @@ def _sftp_glob(sftp: paramiko.SFTPClient, pattern: str) -> list[str]:
 
 
 def _sftp_get_file(sftp: paramiko.SFTPClient, remote: str, dest: Path, size: int | None) -> None:
-    """Download to a temporary name and rename only when complete."""
+    """Download to a temporary name and rename only when complete. Prefetching (many
+    reads in flight) is what makes SFTP fast; the transfer's deadline (see
+    ``SSHRemote._transfer``) closes the channel if a server stalls it."""
     part = dest.with_name(dest.name + ".part")
     try:
-        sftp.get(remote, str(part), prefetch=False)
+        sftp.get(remote, str(part), prefetch=True, max_concurrent_prefetch_requests=64)
         got = part.stat().st_size
         if size is not None and got != size:
             raise TransientError(f"download of {remote} incomplete ({got} of {size} bytes)")
