@@ -39,6 +39,7 @@ from ephemera.errors import InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
 from ephemera.remote import CommandResult, LineSink, ShellRemote
 from ephemera.settings import get_settings
+from ephemera.ssh import start_detached
 
 TAIL_LINES = 200
 
@@ -130,8 +131,9 @@ class LocalRemote(ShellRemote):
 
     def start(self, command: str, *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, log_file: str) -> str:
-        handle = super().start(command, env=env, cwd=cwd or (str(self.workdir) if self.workdir else None),
-                               log_file=str(self._path(log_file)))
+        handle = start_detached(self, command, env=env,
+                                cwd=cwd or (str(self.workdir) if self.workdir else None),
+                                log_file=str(self._path(log_file)))
         self._record(int(handle))
         return handle
 

@@ -83,8 +83,11 @@ def test_launch_exec_copy_and_terminate(contract_local, tmp_path):
     assert remote.get("missing.txt", back) == []
     assert sorted(p.name for p in remote.get("suite", back)) == ["x.txt"]
 
-    handle = remote.start("sleep 300", log_file="server.log")
+    handle = remote.start("sleep 300", log_file="server.log", env={"API_TOKEN": "tok-on-env-only"})
     assert remote.is_running(handle)
+    # The secret reaches the process through its environment, never its command line.
+    assert b"API_TOKEN=tok-on-env-only" in Path(f"/proc/{handle}/environ").read_bytes()
+    assert b"tok-on-env-only" not in Path(f"/proc/{handle}/cmdline").read_bytes()
     assert remote.forward(8123) == 8123
     recorded = (workdir / ".pgids").read_text().split()
     assert handle in recorded

@@ -333,7 +333,10 @@ def test_commands_recorded_by_process_group(target, tmp_path):
     r = SSHRemote(target, pgid_file=str(pgids))
     try:
         assert r.run("true", timeout=20).ok
-        handle = r.start("sleep 30", log_file=str(tmp_path / "s.log"))
+        handle = r.start("sleep 30", log_file=str(tmp_path / "s.log"),
+                         env={"API_TOKEN": "tok-on-env-only"})
+        assert b"API_TOKEN=tok-on-env-only" in Path(f"/proc/{handle}/environ").read_bytes()
+        assert b"tok-on-env-only" not in Path(f"/proc/{handle}/cmdline").read_bytes()
         recorded = pgids.read_text().split()
         assert handle in recorded and len(recorded) >= 2
         r.stop(handle, grace=1)
