@@ -332,7 +332,8 @@ def offers_for_job(job: Job, *, catalog: Path | None = None,
     name = provider_name or job.resources.provider or get_settings().default_provider
     res = job.resources
     request = OfferRequest(regions=tuple(res.regions), spot=res.spot, gpu=res.gpu,
-                           instance_type=res.instance_type, max_price_per_hour=res.max_price_per_hour)
+                           instance_type=res.instance_type, max_price_per_hour=res.max_price_per_hour,
+                           options=res.model_dump(mode="json"))
     return list(get_provider(name).offers(request))
 
 

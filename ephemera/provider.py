@@ -103,6 +103,9 @@ class OfferRequest:
     gpu: str | None = None
     instance_type: str | None = None
     max_price_per_hour: float | None = None
+    # The job's resources section (as in LaunchSpec.options), for providers whose offers
+    # depend on it (e.g. the ssh provider's target host).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ class SSHProvider:
     # -- offers
 
     def offers(self, request: OfferRequest) -> list[Offer]:
-        fields = self._resolve(None)
+        fields = self._resolve(request.options or None)
         instance_type = f"ssh:{fields.get('host')}"
         declared = fields.get("gpus")
         if declared:
