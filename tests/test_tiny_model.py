@@ -105,3 +105,23 @@ def test_build_venv_from_scratch_with_pips_configuration(tmp_path):
     with pytest.raises(InfraError, match="no_such_module_here does not import"):
         cpu_env.build_venv(venv, lines.append, requirements=("iniconfig",), removed=(),
                            check_module="no_such_module_here")
+
+
+@pytest.mark.timeout(300)
+def test_commands_report_json(tiny_model, cpu_env_python, tmp_path):
+    import sys
+
+    def cli(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "ephemera", *args], capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    env = cli("env", "build-cpu", "--json")
+    assert env["python"] == str(cpu_env_python) and env["hash"] == cpu_env.recipe_hash()
+    assert cli("env", "status", "--json")["ready"] is True
+    cached = cli("model", "tiny", "--json")
+    assert cached["path"] == str(tiny_model) and cached["model"] == "ephemera/tiny-llama"
+    fresh = cli("model", "tiny", "--out", str(tmp_path / "m"), "--json")
+    assert fresh["path"] == str(tmp_path / "m") and fresh["bytes"] == cached["bytes"]
+    assert (tmp_path / "m" / "config.json").exists()
