@@ -144,6 +144,8 @@ class AWSProvider:
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"
+    # The controller makes a fresh ed25519 key per run; launch imports it as the key pair.
+    needs_ssh_key: ClassVar[bool] = True
 
     def __init__(self, settings: Any = None, *, session: Any = None, retry_attempts: int = 6,
                  retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0) -> None:

