@@ -368,7 +368,7 @@ def _price_list_entry(instance_type: str, region: str, usd: str) -> str:
     })
 
 
-def test_catalog_refresh_aws(aws, monkeypatch):
+def test_catalog_refresh_aws(aws, monkeypatch, tmp_path):
     """Price List API answers through botocore's Stubber (moto answers 500 there); spot
     price history from moto; the result lands in the user's cache and planning uses it."""
     from botocore.stub import ANY, Stubber
@@ -378,6 +378,11 @@ def test_catalog_refresh_aws(aws, monkeypatch):
     from ephemera.catalog import builtin_aws_catalog, load_cached_offers
     from ephemera.cli import cli
 
+    from ephemera.settings import reset_settings
+
+    # The refreshed cache goes to this test's own cache dir, never the user's.
+    monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
+    reset_settings()
     types = sorted({o.instance_type for o in builtin_aws_catalog() if o.provider == "aws"})
     stub = Stubber(aws.provider.client("pricing", "us-east-1"))
     for kind in types:
@@ -389,6 +394,7 @@ def test_catalog_refresh_aws(aws, monkeypatch):
         result = CliRunner().invoke(cli, ["catalog", "refresh", "aws", "--region", "us-west-2", "--json"])
     assert result.exit_code == 0, result.output
     stub.assert_no_pending_responses()
+    assert (tmp_path / "cache" / "catalog" / "aws.json").exists()
     cached = load_cached_offers("aws")
     on_demand = [o for o in cached if not o.spot]
     assert [(o.instance_type, o.region, o.price_per_hour) for o in on_demand] == [
