@@ -377,7 +377,6 @@ def test_catalog_refresh_aws(aws, monkeypatch, tmp_path):
 
     from ephemera.catalog import builtin_aws_catalog, load_cached_offers
     from ephemera.cli import cli
-
     from ephemera.settings import reset_settings
 
     # The refreshed cache goes to this test's own cache dir, never the user's.
