@@ -244,15 +244,21 @@ class DockerProvider:
             kwargs["device_requests"] = [docker.types.DeviceRequest(
                 count=spec.gpu_count, capabilities=[["gpu"]])]
         if opts["exec"] == "ssh":
-            if not spec.ssh_public_key:
-                raise ConfigError("resources.docker.exec: 'ssh' needs an SSH key for the run "
-                                  "(the launch carries no public key)")
+            public_key, key_path = spec.ssh_public_key, spec.ssh_private_key_path
+            if not public_key:
+                # No key from the controller: make one for this run, beside its state.
+                from ephemera.settings import get_settings
+                from ephemera.ssh import generate_keypair
+
+                path, public_key = generate_keypair(
+                    get_settings().state_dir / "keys" / f"docker-{spec.run_id}")
+                key_path = str(path)
             ssh_port = _free_local_port() if opts["network"] == "host" else 22
             if opts["network"] != "host":
                 kwargs["ports"]["22/tcp"] = ("127.0.0.1", None)
             kwargs["labels"].update({SSH_PORT_LABEL: str(ssh_port),
-                                     SSH_KEY_LABEL: spec.ssh_public_key.strip(),
-                                     SSH_KEY_PATH_LABEL: spec.ssh_private_key_path or ""})
+                                     SSH_KEY_LABEL: public_key.strip(),
+                                     SSH_KEY_PATH_LABEL: key_path or ""})
         mounts = opts.get("mounts") or []
         if mounts:
             kwargs["volumes"] = list(mounts)
@@ -370,6 +376,14 @@ class DockerProvider:
                                     f"({instance.id[:12]}) is still present after removal",
                                     hint=f"Remove it with: docker rm -f {instance.id[:12]}")
             time.sleep(0.2)
+        self._forget_key(instance.run_id)
+
+    @staticmethod
+    def _forget_key(run_id: str) -> None:
+        """Delete the SSH key this provider made for the run (exec: ssh), if any."""
+        from ephemera.settings import get_settings
+
+        shutil.rmtree(get_settings().state_dir / "keys" / f"docker-{run_id}", ignore_errors=True)
 
     def find(self, labels: Mapping[str, str]) -> list[Instance]:
         filters = [f"{k}={v}" for k, v in docker_labels(labels).items()] or [

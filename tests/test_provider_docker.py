@@ -300,9 +300,25 @@ def test_exec_over_ssh_option(contract_docker, tmp_path, network):
         provider.terminate(instance)
 
 
-@pytest.mark.timeout(60)
-def test_exec_over_ssh_without_a_key_is_a_config_error(contract_docker):
+@pytest.mark.timeout(120)
+def test_exec_over_ssh_makes_its_own_key_when_none_is_given(contract_docker, tmp_path):
+    """A job with exec: ssh run by a controller that made no key still gets a working
+    SSH channel: the provider makes a key for the run beside its state."""
+    from ephemera.settings import get_settings
+
     spec = contract_docker.make_spec(_run_id())
-    spec = type(spec)(**{**spec.__dict__, "options": {"docker": {"exec": "ssh"}}})
-    with pytest.raises(ConfigError, match="resources.docker.exec"):
-        contract_docker.provider.launch(spec)
+    spec = type(spec)(**{**spec.__dict__, "options": {"docker": {"exec": "ssh", "network": "host"}}})
+    provider = contract_docker.provider
+    instance = provider.launch(spec)
+    try:
+        instance = _ready(provider, instance)
+        key_dir = get_settings().state_dir / "keys" / f"docker-{spec.run_id}"
+        assert instance.endpoint.key_path == str(key_dir / "id_ed25519")
+        remote = provider.connect(instance)
+        try:
+            assert remote.run("echo ok").output_tail.strip().endswith("ok")
+        finally:
+            remote.close()
+    finally:
+        provider.terminate(instance)
+    assert not key_dir.exists(), "terminate must delete the run's key"
