@@ -549,9 +549,16 @@ class Run:
             self._log(f"artifacts in {self.artifacts_dir}")
 
     @staticmethod
-    def _close_quietly(remote: Remote) -> None:
+    def _close_quietly(remote: Remote, server_handle: str | None) -> None:
+        """Stop vLLM gracefully, remove the run's container, close the channel: all best
+        effort, since the provider ends whatever is left anyway."""
         from ephemera.container import ContainerRemote
 
+        try:
+            if server_handle:
+                remote.stop(server_handle, grace=1.5)
+        except Exception:  # noqa: BLE001
+            pass
         try:
             if isinstance(remote, ContainerRemote):
                 remote.remove_container()
@@ -570,15 +577,16 @@ class Run:
         with self.phase("teardown"):
             self._write_state("tearing-down")
             if self.remote is not None:
-                # The provider ends every process of the run; the channel only needs closing,
-                # which must not hold up the teardown if the peer stopped answering.
+                # The provider ends every process of the run; this part must not hold up the
+                # teardown when the peer stopped answering, hence the thread with a bound.
                 import threading
 
-                closer = threading.Thread(target=self._close_quietly, args=(self.remote,), daemon=True)
+                closer = threading.Thread(target=self._close_quietly, args=(self.remote, self.server_handle),
+                                          daemon=True)
                 closer.start()
                 from ephemera.container import ContainerRemote
 
-                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 2.0)
+                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 4.0)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
             self.terminated_at = datetime.now(UTC)
             if result.verified:
