@@ -339,12 +339,20 @@ class DockerProvider:
             "test -x /usr/sbin/sshd || { echo 'no /usr/sbin/sshd in the image'; exit 3; }; "
             "mkdir -p /root/.ssh /run/sshd && chmod 700 /root/.ssh && "
             'printf "%s\\n" "$EPHEMERA_SSH_KEY" > /root/.ssh/authorized_keys && '
-            "chmod 600 /root/.ssh/authorized_keys && ssh-keygen -A >/dev/null && "
+            "chmod 600 /root/.ssh/authorized_keys && "
+            'printf "%s\\n" "$EPHEMERA_SSH_ENV" > /root/.ssh/environment && '
+            "chmod 600 /root/.ssh/environment && ssh-keygen -A >/dev/null && "
             f"/usr/sbin/sshd -p {port} -o ListenAddress={listen} -o PasswordAuthentication=no "
-            "-o PermitRootLogin=prohibit-password && cat /etc/ssh/ssh_host_ed25519_key.pub"
+            "-o PermitRootLogin=prohibit-password -o PermitUserEnvironment=yes && "
+            "cat /etc/ssh/ssh_host_ed25519_key.pub"
         )
+        # SSH sessions do not inherit the container's environment (the image's PATH
+        # and ENV, the launch's env): hand it over through ~/.ssh/environment.
+        image_env = [line for line in (container.attrs.get("Config") or {}).get("Env") or []
+                     if "=" in line and "\n" not in line]
         done = container.exec_run(["sh", "-c", script],
-                                  environment={"EPHEMERA_SSH_KEY": labels[SSH_KEY_LABEL]})
+                                  environment={"EPHEMERA_SSH_KEY": labels[SSH_KEY_LABEL],
+                                               "EPHEMERA_SSH_ENV": "\n".join(image_env)})
         output = done.output.decode(errors="replace").strip()
         if done.exit_code != 0:
             raise InfraError(f"exec: ssh: could not start sshd in the container: {output[-300:]}",

@@ -277,7 +277,7 @@ def test_exec_over_ssh_option(contract_docker, tmp_path, network):
     provider = contract_docker.provider
     spec = contract_docker.make_spec(_run_id())
     spec = type(spec)(**{**spec.__dict__, "ssh_public_key": public,
-                         "ssh_private_key_path": str(key_path),
+                         "ssh_private_key_path": str(key_path), "env": {"GREETING": "hi there"},
                          "options": {"docker": {"network": network, "exec": "ssh"}}})
     instance = provider.launch(spec)
     try:
@@ -290,6 +290,9 @@ def test_exec_over_ssh_option(contract_docker, tmp_path, network):
         try:
             result = remote.run("hostname; echo via-ssh", cwd=instance.workdir)
             assert result.ok and result.output_tail.splitlines()[-1] == "via-ssh"
+            # The container's environment (launch env, image PATH) holds over SSH too.
+            seen = remote.run('echo "$GREETING|$PATH"').output_tail.strip().splitlines()[-1]
+            assert seen.startswith("hi there|") and "/usr/bin" in seen
             (tmp_path / "f.txt").write_text("over ssh\n")
             remote.put(tmp_path / "f.txt", f"{instance.workdir}/f.txt")
             got = remote.get(f"{instance.workdir}/f.txt", tmp_path / "back")
