@@ -399,16 +399,6 @@ class DockerProvider:
         found = self.client.containers.list(all=True, filters={"label": filters})
         return [self._instance(c, c.labels.get(f"{LABEL_PREFIX}run-id", "")) for c in found]
 
-    def expired(self, now: datetime | None = None) -> list[Instance]:
-        """Containers of ours whose expires-at label has passed (for the reaper)."""
-        now = now or datetime.now(UTC)
-        out = []
-        for inst in self.find({}):
-            expires = inst.labels.get("expires-at")
-            if expires and parse_time(expires) <= now:
-                out.append(inst)
-        return out
-
     # -- connect -----------------------------------------------------------------
     def connect(self, instance: Instance) -> Remote:
         if instance.data.get("exec") == "ssh":

@@ -325,3 +325,64 @@ def test_exec_over_ssh_makes_its_own_key_when_none_is_given(contract_docker, tmp
     finally:
         provider.terminate(instance)
     assert not key_dir.exists(), "terminate must delete the run's key"
+
+
+@pytest.mark.timeout(120)
+def test_reap_command_removes_a_container_whose_label_has_expired(contract_docker, docker_engine):
+    """The reaper works from labels alone: a container whose expires-at label is past
+    (its own switch still running, e.g. after a clock change) is removed by
+    `ephemera reap --provider docker`; a live one of another owner is kept."""
+    import docker
+
+    from ephemera.provider import format_time
+
+    provider = contract_docker.provider
+    stale = contract_docker.make_spec(_run_id())
+    past = format_time(datetime.now(UTC) - timedelta(minutes=5))
+    owner = f"reap-{uuid.uuid4().hex[:6]}"
+    stale = type(stale)(**{**stale.__dict__,
+                           "labels": {**stale.labels, "expires-at": past, "owner": owner}})
+    live = contract_docker.make_spec(_run_id())
+    live = type(live)(**{**live.__dict__, "labels": {**live.labels, "owner": owner}})
+    stale_inst, live_inst = provider.launch(stale), provider.launch(live)
+    try:
+        done = subprocess.run([sys.executable, "-m", "ephemera", "reap", "--provider", "docker",
+                               "--owner", owner, "--json"],
+                              capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert [e["run_id"] for e in report["expired"]] == [stale.run_id]
+        with pytest.raises(docker.errors.NotFound):
+            docker_engine.containers.get(stale_inst.id)
+        assert docker_engine.containers.get(live_inst.id).status == "running"
+    finally:
+        provider.terminate(stale_inst)
+        provider.terminate(live_inst)
+
+
+@pytest.mark.timeout(60)
+def test_unbuilt_builtin_image_says_how_to_build_it(contract_docker, monkeypatch):
+    """The built-in image is never pulled: a missing tag names it and the command."""
+    from ephemera import cpu_image
+
+    monkeypatch.setattr(cpu_image, "image_tag", lambda: "000000notbuilt")
+    spec = contract_docker.make_spec(_run_id())
+    spec = type(spec)(**{**spec.__dict__, "image": "ephemera/cpu"})
+    with pytest.raises(ConfigError, match=r"ephemera/cpu:000000notbuilt.*ephemera image build-cpu"):
+        contract_docker.provider.launch(spec)
+
+
+@pytest.mark.timeout(60)
+def test_gpu_offers_come_from_nvidia_smi(contract_docker, tmp_path, monkeypatch):
+    """No GPU here: a stand-in nvidia-smi on PATH prints what the real one prints for
+    two L4s, to check the query and its parsing (one offer per GPU count)."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=name,memory.total" ] || exit 9\n'
+                    'printf "NVIDIA L4, 23034\\nNVIDIA L4, 23034\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    offers = contract_docker.provider.offers(OfferRequest())
+    assert [(o.gpu, o.gpu_count) for o in offers] == [("NVIDIA L4", 1), ("NVIDIA L4", 2)]
+    assert offers[0].gpu_memory_gib == 22.5 and offers[0].price_per_hour == 0.0
+    assert contract_docker.provider.offers(OfferRequest(gpu="H100")) == []
