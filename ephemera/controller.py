@@ -294,8 +294,11 @@ class Run:
                 image = ensure_cpu_image(self._log)
                 self.python = "python3"
                 return image
-            raise ConfigError(f"image: '{BUILTIN_CPU_IMAGE}' is built on this machine and can be used with the "
-                              f"local and docker providers; on '{self.provider_name}' use 'host' or a registry image")
+            # Another machine's Docker must have the image already (it is built, not pulled).
+            image = image if ":" in image else f"{image}:latest"
+            self._log(f"image {image} must already exist on the machine's Docker "
+                      "(build it there with `ephemera image build-cpu`)")
+            self.python = "python3"
         return image
 
     def _launch_spec(self, offer: Offer, image: str, public_key: str | None,

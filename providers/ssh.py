@@ -231,7 +231,12 @@ class SSHProvider:
             workdir = posixpath.join(str(fields["workroot"]), check_run_id(instance.run_id))
         remote = self._remote(fields, CONNECT_TIMEOUT, fields.get("host_key"))
         try:
-            result = remote.run(cleanup_script(workdir), timeout=60)
+            # A run that used a container image left one on the host's Docker (labelled with
+            # the run id by ephemera.container): remove it first, when Docker is there.
+            run_label = shlex.quote(f"label=dev.ephemera.run-id={check_run_id(instance.run_id)}")
+            containers = (f"if command -v docker >/dev/null 2>&1; then docker ps -aq --filter {run_label} "
+                          "| xargs -r docker rm -f >/dev/null 2>&1; fi; ")
+            result = remote.run(containers + cleanup_script(workdir), timeout=90)
         except EphemeraError as exc:
             raise TeardownError(f"could not reach {fields['host']} to remove {workdir}: {exc}",
                                 hint="Its watchdog still ends the run at expires-at.") from None

@@ -97,3 +97,26 @@ def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
     assert took < 200, f"the run took {took:.0f}s after the freeze"
     assert result["teardown_verified"] is True, run.stderr[-4000:]
     assert wait_no_processes(run_id, timeout=20) == [], processes_of(run_id)
+
+
+@pytest.mark.timeout(600)
+def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cpu_image):
+    """The path aws takes: the job's image runs as a container on the machine (through
+    its Docker, over SSH), with the run directory shared; teardown removes it."""
+    job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"},
+                        "suite": {"command": "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
+                                             "--junitxml=junit.xml"}})
+    run = RunProcess(job, env)
+    code, result = run.finish(timeout=560)
+    assert code == 0, run.stderr[-4000:]
+    assert result["status"] == "passed"
+    artifacts = Path(result["artifacts_dir"])
+    assert 'tests="5"' in (artifacts / "junit.xml").read_text()
+    import docker
+
+    client = docker.from_env()
+    try:
+        left = client.containers.list(all=True, filters={"label": f"dev.ephemera.run-id={result['run_id']}"})
+    finally:
+        client.close()
+    assert left == []
