@@ -51,6 +51,7 @@ from ephemera.state import RunState, save_state
 _IMAGE_PROVIDERS = {"docker", "local"}
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
 SERVER_LOG_TAIL = 50
+HEALTH_POLL_SECONDS = 0.25  # readiness is noticed within a quarter of a second
 
 
 def new_run_id(job_name: str, now: datetime | None = None) -> str:
@@ -361,16 +362,19 @@ class Run:
         assert self.remote is not None and self.instance is not None
         wd = self.workdir
         with self.phase("upload"):
-            result = self.remote.run(f"mkdir -p {shlex.quote(wd)}/suite {shlex.quote(wd)}/artifacts "
-                                     f"{shlex.quote(wd)}/logs {shlex.quote(wd)}/model", timeout=60)
-            if not result.ok:
-                raise errors.RemoteCommandError(f"could not create the run directory {wd} on the instance: "
-                                                f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
+            uploads = []
             for entry in self.job.suite.files:
                 local = Path(entry) if os.path.isabs(entry) else self.loaded.base_dir / entry
                 relative = Path(entry).name if os.path.isabs(entry) else os.path.normpath(entry)
-                target = f"{wd}/suite/{relative}"
-                self.remote.run(f"mkdir -p {shlex.quote(os.path.dirname(target))}", timeout=60)
+                uploads.append((local, f"{wd}/suite/{relative}"))
+            dirs = [f"{wd}/{d}" for d in ("suite", "artifacts", "logs", "model")]
+            dirs += [os.path.dirname(target) for _, target in uploads]
+            result = self.remote.run("mkdir -p " + " ".join(shlex.quote(d) for d in dict.fromkeys(dirs)),
+                                     timeout=60)
+            if not result.ok:
+                raise errors.RemoteCommandError(f"could not create the run directory {wd} on the instance: "
+                                                f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
+            for local, target in uploads:
                 self.remote.put(local, target, timeout=600)
             if model_dir is not None:
                 self.remote.put(model_dir, f"{wd}/model", timeout=1800)
@@ -451,12 +455,12 @@ class Run:
                             f"vLLM exited while starting. Last {SERVER_LOG_TAIL} lines of its log "
                             f"({self.artifacts_dir / 'vllm.log'}):\n{tail}")
                     next_alive_check = now + 2.0
-                if now + 0.5 > deadline:
+                if now + HEALTH_POLL_SECONDS > deadline:
                     tail = self._server_log_tail(20)
                     raise self._timeout_error("health", seconds, by_job,
                                               f"vLLM did not become healthy (last check: {last_detail}). "
                                               f"Last lines of its log:\n{tail}")
-                time.sleep(0.5)
+                time.sleep(HEALTH_POLL_SECONDS)
 
     def suite_env(self) -> dict[str, str]:
         assert self.server_cmd is not None
@@ -523,7 +527,7 @@ class Run:
         # Closing a transport whose peer is frozen may block: do it off the main thread.
         threading.Thread(target=stale.close, daemon=True).start()
 
-    def collect(self, budget: float) -> None:
+    def collect(self, budget: float, suspect_channel: bool = False) -> None:
         if self.remote is None:
             return
         deadline = time.monotonic() + budget
@@ -535,7 +539,8 @@ class Run:
             remote_path = entry if entry.startswith("/") else f"{wd}/suite/{entry}"
             wanted.append((remote_path, self.artifacts_dir))
         with self.phase("collect"):
-            self._ensure_channel()
+            if suspect_channel:
+                self._ensure_channel()
             for remote_path, local in wanted:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -552,16 +557,12 @@ class Run:
             self._log(f"artifacts in {self.artifacts_dir}")
 
     @staticmethod
-    def _close_quietly(remote: Remote, server_handle: str | None) -> None:
-        """Stop vLLM gracefully, remove the run's container, close the channel: all best
-        effort, since the provider ends whatever is left anyway."""
+    def _close_quietly(remote: Remote) -> None:
+        """Remove the run's container (on a machine's Docker) and close the channel. vLLM
+        is not stopped gracefully: the provider ends every process of the run, and its
+        log was collected already."""
         from ephemera.container import ContainerRemote
 
-        try:
-            if server_handle:
-                remote.stop(server_handle, grace=1.5)
-        except Exception:  # noqa: BLE001
-            pass
         try:
             if isinstance(remote, ContainerRemote):
                 remote.remove_container()
@@ -584,12 +585,11 @@ class Run:
                 # teardown when the peer stopped answering, hence the thread with a bound.
                 import threading
 
-                closer = threading.Thread(target=self._close_quietly, args=(self.remote, self.server_handle),
-                                          daemon=True)
+                closer = threading.Thread(target=self._close_quietly, args=(self.remote,), daemon=True)
                 closer.start()
                 from ephemera.container import ContainerRemote
 
-                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 4.0)
+                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 2.0)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
             self.terminated_at = datetime.now(UTC)
             if result.verified:
@@ -699,7 +699,8 @@ class Run:
                 self.reporter.error(f"{status}: {message}")
             # Collect (short when interrupted: a CI runner kills us ~10 s after SIGINT).
             try:
-                self.collect(budget=3.0 if self._signal else max(10.0, min(300.0, self.deadline - time.monotonic() - 60)))
+                self.collect(budget=3.0 if self._signal else max(10.0, min(300.0, self.deadline - time.monotonic() - 60)),
+                             suspect_channel=failure is not None)
             except Interrupted:
                 self.reporter.warn("collect cut short by a second signal")
             except Exception as exc:  # noqa: BLE001
