@@ -51,8 +51,9 @@ class RunProcess:
     """`ephemera run JOB --json` in its own process group, like a CI step."""
 
     def __init__(self, job: Path, env: dict[str, str], *args: str, cwd: Path | None = None) -> None:
-        self.stdout_path = job.parent / f"{job.stem}.stdout"
-        self.stderr_path = job.parent / f"{job.stem}.stderr"
+        logs = cwd or job.parent  # never next to a job file in the repository
+        self.stdout_path = logs / f"{job.stem}.stdout"
+        self.stderr_path = logs / f"{job.stem}.stderr"
         self._out = self.stdout_path.open("w")
         self._err = self.stderr_path.open("w")
         self.proc = subprocess.Popen([*EPHEMERA, "run", str(job), "--json", *args],
