@@ -402,6 +402,21 @@ def _validate(data: dict[str, Any], locations: dict[Path_, tuple[int, int]], bas
     return job, _semantic_problems(job, data, base_dir, locations, check_provider, prefix)
 
 
+def _resolve_local_model(job: Job, base_dir: Path) -> Job:
+    """A relative model directory is relative to the job file (like suite.files), so the
+    job works from any working directory. The API then serves it under the directory's
+    name unless ``served_name`` says otherwise."""
+    model_id = job.model.id
+    if os.path.isabs(model_id) or model_id.startswith("ephemera/"):
+        return job
+    candidate = (base_dir / model_id).resolve()
+    if not (candidate / "config.json").is_file():
+        return job
+    served = job.model.served_name or candidate.name
+    model = job.model.model_copy(update={"id": str(candidate), "served_name": served})
+    return job.model_copy(update={"model": model})
+
+
 def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str] | None = None,
              check_provider: bool = True, check_all_tiers: bool = True) -> LoadedJob:
     """Read, expand, merge and validate a job file. Raises JobFileError listing every
@@ -455,4 +470,5 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     if problems or job is None:
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise JobFileError(name, problems)
+    job = _resolve_local_model(job, base_dir)
     return LoadedJob(job=job, path=path, tier=tier, data=merged, locations=merged_locations)

@@ -331,9 +331,10 @@ def offers_for_job(job: Job, *, catalog: Path | None = None,
 
     name = provider_name or job.resources.provider or get_settings().default_provider
     res = job.resources
+    # The price cap is applied by the planner, not the provider, so that offers over it
+    # are listed with that reason instead of vanishing.
     request = OfferRequest(regions=tuple(res.regions), spot=res.spot, gpu=res.gpu,
-                           instance_type=res.instance_type, max_price_per_hour=res.max_price_per_hour,
-                           options=res.model_dump(mode="json"))
+                           instance_type=res.instance_type, options=res.model_dump(mode="json"))
     return list(get_provider(name).offers(request))
 
 
