@@ -277,6 +277,10 @@ class Run:
         Returns the image to launch."""
         image = self.job.image
         builtin = image.split(":")[0] == BUILTIN_CPU_IMAGE
+        if self.job.suite.image and self.provider_name in _IMAGE_PROVIDERS:
+            raise ConfigError(f"suite.image: a separate suite image runs beside the server on a machine's "
+                              f"Docker (providers ssh and aws); the {self.provider_name} provider runs the "
+                              f"suite in the job's image: drop suite.image or use suite.setup")
         if self.provider_name == "local":
             if builtin:
                 from ephemera.cpu_env import ensure_cpu_env
@@ -482,13 +486,31 @@ class Run:
         deadline, seconds, by_job = self.phase_deadline("suite", self.job.suite.timeout)
         command = self.suite_command()
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        remote: Remote = self.remote
+        cwd: str | None = f"{self.workdir}/suite"
+        if self.job.suite.image:
+            # Its own image, as a sibling container on the machine's Docker, sharing the
+            # run directory and the host network (so the server is on 127.0.0.1).
+            from ephemera.container import ContainerRemote
+
+            remote = self.remote.host if isinstance(self.remote, ContainerRemote) else self.remote
+            env = self.suite_env()
+            names = " ".join(f"-e {k}" for k in env)
+            wd = shlex.quote(self.workdir)
+            command = (f"docker run --rm --name ephemera-{self.run_id}-suite --network host "
+                       f"--label dev.ephemera.run-id={self.run_id} {names} -v {wd}:{wd} "
+                       f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(self.job.suite.image)} "
+                       f"-c {shlex.quote(command)}")
+            cwd = None
         with self.phase("suite", self.job.suite.command):
             with self.reporter.group(f"suite output ({self.job.suite.command})"):
-                result = self.remote.run(
-                    self._with_path(command), env=self.suite_env(), cwd=f"{self.workdir}/suite",
+                result = remote.run(
+                    self._with_path(command), env=self.suite_env(), cwd=cwd,
                     timeout=max(1.0, deadline - time.monotonic()),
                     on_line=lambda line: self.reporter.line(self._redact(line), "suite"),
                     log_path=self.artifacts_dir / "suite.log")
+            if self.job.suite.image and result.timed_out:
+                remote.run(f"docker rm -f ephemera-{self.run_id}-suite >/dev/null 2>&1; true", timeout=30)
             if result.timed_out:
                 raise self._timeout_error("suite", seconds, by_job,
                                           f"the suite was stopped; its output is in {self.artifacts_dir / 'suite.log'}")

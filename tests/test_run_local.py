@@ -102,11 +102,30 @@ def test_failing_suite_with_10mib_on_both_streams(tmp_path, env):
         "suite": {"command": f'python -c "{flood}"'},
         "env": {"MY_API_TOKEN": "tok-very-secret-42"},
     })
-    run = RunProcess(job, env)
+    # Price this machine at $3.60/h through a catalog file, so the cost is not zero.
+    catalog = tmp_path / "priced.csv"
+    catalog.write_text("provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour\n"
+                       "local,local-cpu,,,0,0,2,16,3.60\n")
+    run = RunProcess(job, env, "--catalog", str(catalog))
     code, result = run.finish(timeout=560)
     assert code == 1, run.stderr[-3000:]
     assert result["status"] == "failed"
     artifacts = Path(result["artifacts_dir"])
+
+    # cost.json, cost.md and the history row agree.
+    cost = json.loads((artifacts / "cost.json").read_text())
+    assert cost["price_per_hour"] == 3.60 and cost["status"] == "failed"
+    assert cost["cost_usd"] == pytest.approx(cost["billed_seconds"] * 0.001, abs=1e-6)
+    assert cost["cost_usd"] > 0
+    assert f"{cost['cost_usd']:.4f}" in (artifacts / "cost.md").read_text()
+    history = ephemera("cost", "--by", "job", "--json", env=env)
+    rows = json.loads(history.stdout)
+    groups = rows["groups"] if isinstance(rows, dict) else rows
+    group = next(g for g in groups if g.get("key") == job.stem)
+    assert group["runs"] == 1 and group["passed"] == 0
+    assert group["cost_usd"] == pytest.approx(cost["cost_usd"], abs=1e-6)
+    assert group["billed_seconds"] == pytest.approx(cost["billed_seconds"])
+
     log = (artifacts / "suite.log").read_text()
     assert log.count("x" * 1023) == 2 * 10240
     assert "tok-very-secret-42" not in log and "tok-very-secret-42" not in run.stderr

@@ -102,9 +102,12 @@ def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
 @pytest.mark.timeout(600)
 def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cpu_image):
     """The path aws takes: the job's image runs as a container on the machine (through
-    its Docker, over SSH), with the run directory shared; teardown removes it."""
+    its Docker, over SSH), with the run directory shared, and the suite runs in an image
+    of its own beside it; teardown removes both."""
     job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"},
-                        "suite": {"command": "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
+                        "suite": {"image": "ephemera/cpu:latest",
+                                  "command": "test -f /.dockerenv && echo suite-in-a-container; "
+                                             "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
                                              "--junitxml=junit.xml"}})
     run = RunProcess(job, env)
     code, result = run.finish(timeout=560)
@@ -112,6 +115,7 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
     assert result["status"] == "passed"
     artifacts = Path(result["artifacts_dir"])
     assert 'tests="5"' in (artifacts / "junit.xml").read_text()
+    assert "suite-in-a-container" in (artifacts / "suite.log").read_text()
     import docker
 
     client = docker.from_env()
