@@ -13,18 +13,17 @@ wheel folder depending on the machine, and that choice belongs to the machine.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from ephemera.errors import InfraError
+from ephemera.locks import exclusive_lock
 
 Progress = Callable[[str], None]
 
@@ -75,18 +74,6 @@ def is_ready() -> bool:
     except (OSError, ValueError):
         return False
     return data.get("hash") == recipe_hash() and venv_python().exists()
-
-
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One builder at a time across processes (parallel tests, two CI steps)."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _run(cmd: list[str], progress: Progress, what: str) -> None:
@@ -185,7 +172,7 @@ def ensure_cpu_env(progress: Progress | None = None) -> Path:
     if is_ready():
         return venv_python()
     root = env_root()
-    with _lock(root):
+    with exclusive_lock(root):
         if is_ready():  # another process finished it while we waited
             return venv_python()
         venv = venv_dir()

@@ -10,8 +10,6 @@ is a hash of the recipe, so a second build is a no-op.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -92,18 +90,9 @@ class ImageStatus:
 
 
 def _client():
-    try:
-        import docker
-    except ImportError:  # pragma: no cover - docker is an extra
-        raise ConfigError("the CPU image needs the Docker SDK for Python",
-                          hint="Install it with: pip install 'ephemera[docker]'.") from None
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the engine
-        raise InfraError(f"cannot reach the Docker engine: {exc}",
-                         hint="Start dockerd or set DOCKER_HOST.") from None
-    return client
+    from ephemera.docker_engine import connect_docker
+
+    return connect_docker("the CPU image")
 
 
 def _image_size(client, ref: str) -> int | None:
@@ -281,19 +270,12 @@ def ensure_cpu_image(progress: Progress | None = None) -> str:
         return _build_all(client, ref, progress)
 
 
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
+def _build_lock():
     """One build at a time across processes (two CI steps, parallel test sessions)."""
+    from ephemera.locks import exclusive_lock
     from ephemera.settings import get_settings
 
-    work = get_settings().cache_dir / "build"
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return exclusive_lock(get_settings().cache_dir / "build")
 
 
 def _build_all(client, ref: str, progress: Progress) -> str:

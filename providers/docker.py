@@ -144,17 +144,9 @@ class DockerProvider:
     @property
     def client(self) -> Any:
         if self._client is None:
-            try:
-                import docker
-            except ImportError:
-                raise ConfigError("the docker provider needs the Docker SDK for Python",
-                                  hint="Install it with: pip install 'ephemera[docker]'.") from None
-            try:
-                client = docker.from_env()
-                client.ping()
-            except Exception as exc:  # noqa: BLE001 - any failure to reach the engine
-                raise InfraError(f"cannot reach the Docker engine: {exc}",
-                                 hint="Start dockerd, or point DOCKER_HOST at a running engine.") from None
+            from ephemera.docker_engine import connect_docker
+
+            client = connect_docker("the docker provider")
             self._client = client
         return self._client
 

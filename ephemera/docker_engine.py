@@ -1,0 +1,25 @@
+"""One way to reach the Docker engine (named by DOCKER_HOST and friends), with the
+errors users need: the SDK missing is a configuration problem, an engine that does
+not answer is an infrastructure one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ephemera.errors import ConfigError, InfraError
+
+
+def connect_docker(purpose: str) -> Any:
+    """A pinged ``docker.DockerClient``; ``purpose`` names who needs it in the errors."""
+    try:
+        import docker
+    except ImportError:  # pragma: no cover - docker is an extra
+        raise ConfigError(f"{purpose} needs the Docker SDK for Python",
+                          hint="Install it with: pip install 'ephemera[docker]'.") from None
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the engine
+        raise InfraError(f"cannot reach the Docker engine: {exc}",
+                         hint="Start dockerd, or point DOCKER_HOST at a running engine.") from None
+    return client
