@@ -125,12 +125,8 @@ class Run:
         self.provider_name = provider_name or self.job.provider_name(settings.default_provider)
         self.catalog = catalog
         self.run_id = run_id or new_run_id(self.job.name)
-        self.started = time.monotonic()
         self.started_at = datetime.now(UTC)
-        self.deadline = self.started + self.job.timeout
-        # Leave room for collect + teardown inside the job's deadline.
-        self.teardown_reserve = min(max(30.0, 0.2 * self.job.timeout), 300.0)
-        self.work_deadline = self.deadline - self.teardown_reserve
+        self._start_clock()
         self.artifacts_dir = (settings.artifacts_dir / self.run_id).resolve()
         self.phases: list[PhaseRecord] = []
         self.provider: Provider | None = None
@@ -153,6 +149,13 @@ class Run:
         self._old_handlers: dict[int, Any] = {}
         self.server_cmd: ServerCommand | None = None
         self.secrets: list[str] = []
+
+    def _start_clock(self) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + self.job.timeout
+        # Leave room for collect + teardown inside the job's deadline.
+        self.teardown_reserve = min(max(30.0, 0.2 * self.job.timeout), 300.0)
+        self.work_deadline = self.deadline - self.teardown_reserve
 
     # ---------------------------------------------------------------- signals
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -678,6 +681,9 @@ class Run:
                 with self.phase("prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
+                # Building the built-ins on first use (minutes, once per machine) is not the
+                # job's time: its deadline starts now, right before anything is launched.
+                self._start_clock()
                 self.provision(image)
                 assert self.instance is not None
                 self.workdir = self.instance.workdir or f"/tmp/ephemera/{self.run_id}"

@@ -22,7 +22,8 @@ class Reporter:
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.live = is_tty and not self.github if live is None else live
         self.quiet = quiet
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler may log while the main thread is in the middle of a line.
+        self._lock = threading.RLock()
         self._status = None
         self._console = None
         self._phase: str | None = None
