@@ -76,20 +76,15 @@ def is_ready() -> bool:
     return data.get("hash") == recipe_hash() and venv_python().exists()
 
 
+_PIP_HINT = ("pip's own configuration (pip.conf, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS) decides "
+             "where the CPU build of torch comes from, e.g. "
+             "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.")
+
+
 def _run(cmd: list[str], progress: Progress, what: str) -> None:
-    tail: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-20:]
-        progress(f"  {line}")
-    if proc.wait() != 0:
-        raise InfraError(f"{what} failed (exit {proc.returncode}): " + "\n".join(tail[-10:]),
-                         hint="pip's own configuration (pip.conf, PIP_EXTRA_INDEX_URL, "
-                              "PIP_FIND_LINKS) decides where the CPU build of torch comes "
-                              "from, e.g. PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu.")
+    from ephemera.steps import run_step
+
+    run_step(cmd, progress, what, hint=_PIP_HINT)
 
 
 def _installed(python: Path) -> dict[str, str]:

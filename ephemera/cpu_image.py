@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -151,20 +150,9 @@ def debian_mirror() -> str:
 
 def _stream(cmd: list[str], progress: Progress, what: str, **kwargs) -> None:
     """Run a host command, passing its output on as progress lines; fail with its tail."""
-    tail: list[str] = []
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", **kwargs)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} needs '{cmd[0]}', which is not installed",
-                          hint=f"Install it (Debian/Ubuntu: apt-get install {cmd[0]}).") from None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = (tail + [line])[-20:]
-        progress(f"  {line}")
-    if proc.wait() != 0:
-        raise InfraError(f"{what} failed (exit {proc.returncode}): " + "\n".join(tail[-10:]))
+    from ephemera.steps import run_step
+
+    run_step(cmd, progress, what, **kwargs)
 
 
 def ensure_base(client, progress: Progress) -> str:
