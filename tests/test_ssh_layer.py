@@ -55,6 +55,33 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+class SessionFreezer:
+    """Stops (SIGSTOP) the sshd session processes that appear after it is made, ``delay``
+    seconds after start(); resumes them in stop(). Only our own test sshd's children."""
+
+    def __init__(self, sshd_pid: int, delay: float) -> None:
+        self.sshd_pid = sshd_pid
+        self.delay = delay
+        self.before = {p for p, _ in _descendants(sshd_pid)}
+        self.stopped: list[int] = []
+        self.thread = threading.Thread(target=self._freeze)
+
+    def _freeze(self) -> None:
+        time.sleep(self.delay)
+        for pid, comm in _descendants(self.sshd_pid):
+            if comm.startswith("sshd") and pid not in self.before:
+                os.kill(pid, signal.SIGSTOP)
+                self.stopped.append(pid)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.thread.join()
+        for pid in self.stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -129,30 +156,18 @@ def test_timeout_kills_the_remote_process_group(remote, tmp_path):
 def test_frozen_peer_fails_within_the_deadline(sshd, target, tmp_path):
     """SIGSTOP the sshd session processes of our own connection mid-command: the TCP
     connection stays up and nothing answers. run() must return at its timeout."""
+    freezer = SessionFreezer(sshd.pid, delay=1.0)
     remote = SSHRemote(target, connect_timeout=5)
-    before = {p for p, _ in _descendants(sshd.pid)}
     assert remote.run("true", timeout=20).ok
-    stopped: list[int] = []
-
-    def freeze() -> None:
-        time.sleep(1.0)
-        for pid, comm in _descendants(sshd.pid):
-            if comm.startswith("sshd") and pid not in before:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-
-    thread = threading.Thread(target=freeze)
-    thread.start()
+    freezer.start()
     started = time.monotonic()
     try:
         result = remote.run("while true; do echo tick; sleep 0.2; done", timeout=4)
         elapsed = time.monotonic() - started
     finally:
-        thread.join()
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+        freezer.stop()
         remote.close()
-    assert stopped, "no sshd session process found to freeze"
+    assert freezer.stopped, "no sshd session process found to freeze"
     assert result.timed_out
     assert elapsed < 4 + 12, f"run took {elapsed:.1f}s with a 4s timeout"
     assert "tick" in result.output_tail
@@ -372,31 +387,19 @@ def test_download_from_a_frozen_peer_fails_in_time_and_leaves_no_file(sshd, targ
 
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(64 * 1024 * 1024))
+    freezer = SessionFreezer(sshd.pid, delay=0.3)
     remote = SSHRemote(target, connect_timeout=5)
-    before = {p for p, _ in _descendants(sshd.pid)}
     assert remote.run("true", timeout=20).ok
-    stopped: list[int] = []
-
-    def freeze() -> None:
-        time.sleep(0.3)
-        for pid, comm in _descendants(sshd.pid):
-            if comm.startswith("sshd") and pid not in before:
-                os.kill(pid, signal.SIGSTOP)
-                stopped.append(pid)
-
-    thread = threading.Thread(target=freeze)
-    thread.start()
+    freezer.start()
     started = time.monotonic()
     try:
         with pytest.raises((PhaseTimeoutError, TransientError)):
             remote.get(str(big), tmp_path / "back", timeout=4)
         elapsed = time.monotonic() - started
     finally:
-        thread.join()
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+        freezer.stop()
         remote.close()
-    assert stopped, "no sshd session process found to freeze"
+    assert freezer.stopped, "no sshd session process found to freeze"
     assert elapsed < 4 + 10, f"download took {elapsed:.1f}s with a 4s deadline"
     back = tmp_path / "back"
     assert not (back / "big.bin").exists(), "a partial download was reported as a file"
