@@ -17,14 +17,7 @@ from ephemera.provider import Offer
 
 REF = Path(__file__).parent / "data" / "reference-models"
 HEADER = "provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour\n"
-QWEN25_72B = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=8192,
-                  intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                  num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                  max_position_embeddings=32768, torch_dtype="bfloat16")
-QWEN3_32B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=5120,
-                 intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                 tie_word_embeddings=False, max_position_embeddings=40960, torch_dtype="bfloat16")
+from tests.model_configs import QWEN3_32B, QWEN25_72B  # noqa: E402
 
 
 def job(model: str, **kw) -> Job:

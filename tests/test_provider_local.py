@@ -16,20 +16,7 @@ from ephemera_providers.local import LocalProvider, nvidia_offers
 
 from ephemera.errors import ConfigError, RemoteCommandError
 from ephemera.provider import InstanceState, OfferRequest
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not _alive(pid)
+from tests.fixtures.common import process_alive, wait_process_gone
 
 
 def test_offers_describe_this_machine():
@@ -93,7 +80,7 @@ def test_launch_exec_copy_and_terminate(contract_local, tmp_path):
     assert handle in recorded
 
     provider.terminate(instance)
-    assert _wait_gone(int(handle), 5), "terminate left a process of the run running"
+    assert wait_process_gone(int(handle), 5), "terminate left a process of the run running"
     assert not workdir.exists()
     assert provider.poll(instance).state == InstanceState.TERMINATED
     provider.terminate(instance)
@@ -112,7 +99,7 @@ def test_run_timeout_kills_the_whole_group(contract_local, tmp_path):
         assert result.timed_out and result.exit_status is None
         assert time.monotonic() - started < 5
         child = int((Path(instance.workdir) / "child.pid").read_text())
-        assert _wait_gone(child, 5)
+        assert wait_process_gone(child, 5)
         silent = remote.run("sleep 30", timeout=1)   # no output at all: deadline still holds
         assert silent.timed_out
     finally:
@@ -155,12 +142,12 @@ def test_killed_ephemera_leaves_an_instance_that_ends_itself_at_expiry():
     assert proc.returncode == -9, proc.stderr
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
     pgid, workdir = int(facts["pgid"]), Path(facts["workdir"])
-    assert _alive(pgid) and workdir.is_dir(), "the run should outlive the killed process"
+    assert process_alive(pgid) and workdir.is_dir(), "the run should outlive the killed process"
     deadline = time.monotonic() + 20
-    while (workdir.exists() or _alive(pgid)) and time.monotonic() < deadline:
+    while (workdir.exists() or process_alive(pgid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not workdir.exists(), "the watchdog did not remove the run directory"
-    assert not _alive(pgid), "the watchdog did not kill the run's processes"
+    assert not process_alive(pgid), "the watchdog did not kill the run's processes"
     assert LocalProvider().find({"run-id": "local-deadman-1"}) == []
 
 

@@ -15,22 +15,11 @@ from ephemera_providers.ssh import SSHProvider
 from ephemera.errors import ConfigError
 from ephemera.provider import Instance, InstanceState, OfferRequest
 from ephemera.ssh import HostKeyChangedError
+from tests.fixtures.common import process_alive, wait_process_gone
 
 pytestmark = pytest.mark.sshd
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not _alive(pid)
 
 
 @pytest.mark.timeout(60)
@@ -93,16 +82,16 @@ def test_launch_exec_copy_terminate_touches_nothing_else(contract_ssh, sshd, tmp
         remote.close()
 
         SSHProvider().terminate(stored)
-        assert _wait_gone(int(handle), 5), "a process group the run started survived"
-        assert _wait_gone(background, 5), "a background child of a run command survived"
+        assert wait_process_gone(int(handle), 5), "a process group the run started survived"
+        assert wait_process_gone(background, 5), "a background child of a run command survived"
         assert not workdir.exists()
-        assert _alive(bystander.pid), "terminate killed a process the run did not start"
+        assert process_alive(bystander.pid), "terminate killed a process the run did not start"
         assert SSHProvider().poll(stored).state == InstanceState.TERMINATED
         SSHProvider().terminate(stored)
     finally:
         bystander.kill()
         bystander.wait()
-        if "escaped" in locals() and _alive(escaped):
+        if "escaped" in locals() and process_alive(escaped):
             os.kill(escaped, 9)   # started its own session on purpose: out of the run's reach
 
 
@@ -150,10 +139,10 @@ def test_killed_ephemera_leaves_a_run_that_ends_itself_at_expiry(ssh_options):
     assert proc.returncode == -9, proc.stderr
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
     pgid, workdir = int(facts["pgid"]), Path(facts["workdir"])
-    assert _alive(pgid) and workdir.is_dir()
+    assert process_alive(pgid) and workdir.is_dir()
     deadline = time.monotonic() + 25
-    while (workdir.exists() or _alive(pgid)) and time.monotonic() < deadline:
+    while (workdir.exists() or process_alive(pgid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not workdir.exists(), "the remote watchdog did not remove the run directory"
-    assert not _alive(pgid), "the remote watchdog did not kill the run's processes"
+    assert not process_alive(pgid), "the remote watchdog did not kill the run's processes"
     assert SSHProvider(target=ssh_options).find({"run-id": "ssh-deadman-1"}) == []
