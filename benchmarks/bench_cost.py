@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-
-def ephemera_command() -> list[str]:
-    script = Path(sys.executable).parent / "ephemera"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("ephemera")
-    return [found] if found else [sys.executable, "-m", "ephemera"]
+from _common import ephemera_command  # noqa: E402 - sibling module of this script
 
 
 def fill(db: Path, count: int) -> float:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _common import ephemera_command  # noqa: E402 - sibling module of this script
 
 HEAVY = ("boto3", "botocore", "docker", "paramiko", "huggingface_hub", "torch", "vllm",
          "transformers", "moto", "requests", "pydantic", "pydantic_core", "ruamel", "rich")
@@ -25,13 +25,6 @@ SDKS = {"boto3", "botocore", "docker", "paramiko", "huggingface_hub", "torch", "
         "transformers", "moto", "requests"}
 
 
-def ephemera_command() -> list[str]:
-    """The console script next to this interpreter, else ``python -m ephemera``."""
-    script = Path(sys.executable).parent / "ephemera"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("ephemera")
-    return [found] if found else [sys.executable, "-m", "ephemera"]
 
 
 def wall_times(cmd: list[str], runs: int) -> list[float]:
