@@ -74,25 +74,27 @@ class Remote(Protocol):
     def close(self) -> None: ...
 
 
-def env_prefix(env: Mapping[str, str] | None) -> str:
-    """``export K='v'; `` for a shell command line (quoted)."""
-    if not env:
-        return ""
-    return "".join(f"export {k}={shlex.quote(str(v))}; " for k, v in env.items())
-
-
-def detached_command(command: str, *, env: Mapping[str, str] | None, cwd: str | None,
-                     log_file: str) -> str:
+def detached_command(command: str, *, cwd: str | None, log_file: str,
+                     pgid_file: str | None = None) -> str:
     """A shell line that starts ``command`` in a new session with its output in
-    ``log_file`` and prints the new process group id (= its pid)."""
-    inner = env_prefix(env)
+    ``log_file`` and prints the new process group id (= the pid of the session's shell).
+
+    The id is printed by the new session's own shell, after ``setsid``: when the caller
+    reads it, the process group exists (printing ``$!`` from the parent raced the
+    child's ``setsid``, and a check right after the start could find no group for a
+    process that was alive). With ``pgid_file`` the id is appended there first, in the
+    same step, so no moment exists where the process runs unrecorded. The environment
+    is not part of the line: it travels with the channel's ``run`` and is inherited."""
+    inner = ""
+    if pgid_file:
+        inner += f'echo "$$" >> {shlex.quote(pgid_file)} || exit 125; '
+    inner += 'echo "$$" >&3; exec 3>&-; '
     if cwd:
         inner += f"cd {shlex.quote(cwd)} && "
     inner += command
-    return (
-        f"mkdir -p $(dirname {shlex.quote(log_file)}) && "
-        f"setsid sh -c {shlex.quote(inner)} > {shlex.quote(log_file)} 2>&1 < /dev/null & echo $!"
-    )
+    log = shlex.quote(log_file)
+    return (f"mkdir -p $(dirname {log}) && "
+            f"setsid sh -c {shlex.quote(inner)} 3>&1 > {log} 2>&1 < /dev/null &")
 
 
 def is_running_command(handle: str) -> str:
@@ -111,7 +113,11 @@ def stop_command(handle: str, grace: float) -> str:
 
 class ShellRemote:
     """Implements start/is_running/stop on top of ``run`` with POSIX shell commands.
-    Concrete channels subclass it and provide run, put, get, forward and close."""
+    Concrete channels subclass it and provide run, put, get, forward and close.
+    ``pgid_file``, where set, is the file on the instance that records every process
+    group the run starts (the provider's terminate and dead-man switch read it)."""
+
+    pgid_file: str | Path | None = None
 
     def run(self, command: str, **kwargs) -> CommandResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -120,14 +126,18 @@ class ShellRemote:
               cwd: str | None = None, log_file: str) -> str:
         from ephemera.errors import RemoteCommandError
 
-        result = self.run(detached_command(command, env=env, cwd=cwd, log_file=log_file),
-                          timeout=60)
-        handle = result.output_tail.strip().splitlines()[-1:] if result.output_tail else []
-        if not result.ok or not handle or not handle[0].isdigit():
+        line = detached_command(command, cwd=cwd, log_file=log_file,
+                                pgid_file=str(self.pgid_file) if self.pgid_file else None)
+        # The environment goes through run's own channel (exported to the starting shell
+        # and inherited), never into a command line where the host's process list shows it.
+        result = self.run(line, env=env, timeout=60)
+        lines = result.output_tail.strip().splitlines()
+        handle = lines[-1].strip() if lines else ""
+        if not result.ok or not handle.isdigit():
             raise RemoteCommandError(
                 f"could not start a detached process on the instance: {result.output_tail[-500:]}",
                 exit_status=result.exit_status, output_tail=result.output_tail)
-        return handle[0]
+        return handle
 
     def is_running(self, handle: str) -> bool:
         result = self.run(is_running_command(handle), timeout=30)

@@ -300,25 +300,6 @@ def connect(target: Target, *, deadline: float, pin: HostKeyPin | None = None,
         f"{type(exc).__name__ if exc else 'no attempt'}: {exc}") from None
 
 
-def start_detached(remote: Any, command: str, *, env: Mapping[str, str] | None,
-                   cwd: str | None, log_file: str) -> str:
-    """Like ``ShellRemote.start``, but the environment travels through ``run``'s own
-    channel (exported, then inherited by the detached process) instead of being
-    written into a command line where ``ps`` on the host would show it."""
-    from ephemera.errors import RemoteCommandError
-    from ephemera.remote import detached_command
-
-    result = remote.run(detached_command(command, env=None, cwd=cwd, log_file=log_file),
-                        env=env, timeout=60)
-    lines = result.output_tail.strip().splitlines()
-    handle = lines[-1].strip() if lines else ""
-    if not result.ok or not handle.isdigit():
-        raise RemoteCommandError(
-            f"could not start a detached process on the instance: {result.output_tail[-500:]}",
-            exit_status=result.exit_status, output_tail=result.output_tail)
-    return handle
-
-
 def close_client(client: paramiko.SSHClient | None) -> None:
     """Close a client from :func:`connect` and the bastion connection it rides on."""
     if client is None:
@@ -505,13 +486,6 @@ class SSHRemote(ShellRemote):
                 lines.close()
                 self._kill_group(lines.pgid)
             chan.close()
-
-    def start(self, command: str, *, env: Mapping[str, str] | None = None,
-              cwd: str | None = None, log_file: str) -> str:
-        handle = start_detached(self, command, env=env, cwd=cwd, log_file=log_file)
-        if self.pgid_file:
-            self.run(f"echo {int(handle)} >> {shlex.quote(self.pgid_file)}", timeout=30)
-        return handle
 
     def _timed_out(self, lines: _Lines, chan: paramiko.Channel, why: str | None) -> CommandResult:
         chan.close()

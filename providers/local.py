@@ -39,7 +39,6 @@ from ephemera.errors import InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
 from ephemera.remote import CommandResult, LineSink, ShellRemote
 from ephemera.settings import get_settings
-from ephemera.ssh import start_detached
 
 TAIL_LINES = 200
 
@@ -131,11 +130,9 @@ class LocalRemote(ShellRemote):
 
     def start(self, command: str, *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, log_file: str) -> str:
-        handle = start_detached(self, command, env=env,
-                                cwd=cwd or (str(self.workdir) if self.workdir else None),
-                                log_file=str(self._path(log_file)))
-        self._record(int(handle))
-        return handle
+        return super().start(command, env=env,
+                             cwd=cwd or (str(self.workdir) if self.workdir else None),
+                             log_file=str(self._path(log_file)))
 
     def put(self, local: Path, remote: str, *, timeout: float | None = None) -> None:
         src, dest = Path(local), self._path(remote)

@@ -181,8 +181,9 @@ def test_writer_waits_for_a_held_lock(tmp_path):
 
 # ---- import and the command -------------------------------------------------------
 
-def write_report(directory: Path, run_id: str, status: str, job: str = "qwen3-4b") -> Path:
-    t0 = NOW - timedelta(days=1)
+def write_report(directory: Path, run_id: str, status: str, job: str = "qwen3-4b",
+                 launched_at: datetime | None = None) -> Path:
+    t0 = launched_at or NOW - timedelta(days=1)
     report = compute_cost(
         run_id=run_id, job=job, tier="full", model="Qwen/Qwen3-4B", provider="aws",
         instance_type="g5.xlarge", region="us-east-1", spot=False, price_per_hour=1.006,
@@ -220,10 +221,13 @@ def test_import_checks_every_file_before_writing(tmp_path):
 
 
 def test_cost_command_table_json_and_import(tmp_path):
+    # The command measures --since from the real clock, so these runs are dated from it
+    # too (a fixed date falls out of "7d" a week later).
+    yesterday = datetime.now(UTC) - timedelta(days=1)
     artifacts = tmp_path / "dl"
-    write_report(artifacts, "ci-1", "passed", job="alpha")
-    write_report(artifacts, "ci-2", "failed", job="alpha")
-    write_report(artifacts, "ci-3", "passed", job="beta")
+    write_report(artifacts, "ci-1", "passed", job="alpha", launched_at=yesterday)
+    write_report(artifacts, "ci-2", "failed", job="alpha", launched_at=yesterday)
+    write_report(artifacts, "ci-3", "passed", job="beta", launched_at=yesterday)
     runner = CliRunner()
     out = runner.invoke(cli, ["cost", "--import", str(artifacts)])
     assert out.exit_code == 0, out.output
@@ -236,7 +240,7 @@ def test_cost_command_table_json_and_import(tmp_path):
     assert data["total"]["runs"] == 3 and data["since_seconds"] == 7 * 86400
     out = runner.invoke(cli, ["cost", "--by", "instance"])
     assert out.exit_code == 0 and "g5.xlarge" in out.output and "total: 3 run(s)" in out.output
-    # --since is relative to now: reports from a fixed past day fall outside 1h
+    # --since is relative to now: runs from yesterday fall outside 1h
     out = runner.invoke(cli, ["cost", "--since", "1h", "--json"])
     assert json.loads(out.output)["total"]["runs"] == 0
 
