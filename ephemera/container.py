@@ -2,6 +2,12 @@
 started through the machine's Docker with the GPUs, host networking and the run's
 working directory mounted at the same path; commands then go through
 ``docker exec``. Files move through the machine itself (the directory is shared).
+
+The login user on such machines is not root (``ubuntu`` on AWS). So the run's
+directories are made by the login user before the container starts, the container
+runs as the login user's uid:gid (everything it writes into the shared directory can
+be uploaded into and removed by that user), and Docker access is checked first: the
+user's own (the ``docker`` group), else ``sudo -n docker``, else a clear error.
 """
 
 from __future__ import annotations
@@ -13,21 +19,72 @@ from pathlib import Path
 from ephemera.errors import ConfigError, RemoteCommandError
 from ephemera.remote import CommandResult, LineSink, Remote, ShellRemote
 
+RUN_SUBDIRS = ("suite", "artifacts", "logs", "model", "home")
+
+# Prints "docker" or "sudo -n docker" (the first that reaches the engine), then the
+# login user's uid:gid; or says why neither works. One round trip.
+_PROBE = (
+    'if err=$(docker info 2>&1 >/dev/null); then echo "@@docker docker"; '
+    'elif sudo -n docker info >/dev/null 2>&1; then echo "@@docker sudo -n docker"; '
+    'else echo "@@nodocker $(printf %s "$err" | tail -n 2 | tr -s "[:space:]" " ")"; fi; '
+    'echo "@@user $(id -un) $(id -u):$(id -g)"'
+)
+
+
+def prepare_host(host: Remote, workdir: str, where: str = "the instance") -> tuple[str, str]:
+    """Make the run's directories as the login user and find how that user reaches
+    Docker. Returns (docker command, "uid:gid")."""
+    dirs = " ".join(shlex.quote(f"{workdir}/{d}") for d in RUN_SUBDIRS)
+    result = host.run(f"mkdir -p {dirs} && {_PROBE}", timeout=60)
+    lines = result.output_tail.splitlines()
+    docker = next((ln[len("@@docker "):].strip() for ln in lines if ln.startswith("@@docker ")), "")
+    user = next((ln.split()[1:] for ln in lines if ln.startswith("@@user ")), [])
+    if not result.ok or len(user) != 2:
+        raise RemoteCommandError(f"could not prepare the run directory {workdir} on {where}: "
+                                 f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
+    if not docker:
+        why = next((ln[len("@@nodocker "):].strip() for ln in lines if ln.startswith("@@nodocker")), "")
+        raise ConfigError(
+            f"the login user '{user[0]}' on {where} cannot use Docker ({why or 'docker info failed'}), "
+            "and passwordless sudo is not allowed either",
+            hint=f"Add the user to the docker group (sudo usermod -aG docker {user[0]}, then log in "
+                 "again) or allow it `sudo -n docker`; on AWS the provider's user-data does this.")
+    return docker, user[1]
+
 
 class ContainerRemote(ShellRemote):
-    def __init__(self, host: Remote, name: str, workdir: str, run_id: str = "") -> None:
+    def __init__(self, host: Remote, name: str, workdir: str, run_id: str = "", *,
+                 docker: str = "docker", user: str | None = None) -> None:
         self.host = host
         self.name = name
         self.workdir = workdir
         self.run_id = run_id
+        self.docker = docker      # "docker" or "sudo -n docker"
+        self.user = user          # uid:gid the container runs as (the login user's)
+
+    def docker_for(self, env: Mapping[str, str] | None) -> str:
+        """The docker command that passes ``env`` on by name (sudo drops the environment
+        unless told which names to keep)."""
+        if env and self.docker.startswith("sudo"):
+            return self.docker.replace("sudo -n", f"sudo -n --preserve-env={','.join(env)}", 1)
+        return self.docker
+
+    def user_flags(self) -> str:
+        """Run as the login user, with a home in the run directory (images often have
+        none for that uid; caches and getpass() need one)."""
+        if not self.user or self.user.startswith("0:"):
+            return ""
+        return (f"--user {shlex.quote(self.user)} -e HOME={shlex.quote(self.workdir + '/home')} "
+                "-e USER=ephemera ")
 
     def start_container(self, image: str, *, gpus: int, lifetime_seconds: int, shm_size: str = "1g",
                         timeout: float = 900) -> None:
         """Start the run's container. Its main process sleeps for ``lifetime_seconds`` (up
         to the run's expiry) and ``--rm`` removes it then: a dead-man switch of its own."""
         gpu_flag = "--gpus all " if gpus > 0 else ""
-        cmd = (f"docker rm -f {self.name} >/dev/null 2>&1; "
-               f"docker run -d --rm --name {self.name} {gpu_flag}--network host --ipc host "
+        cmd = (f"{self.docker} rm -f {self.name} >/dev/null 2>&1; "
+               f"{self.docker} run -d --rm --name {self.name} {gpu_flag}{self.user_flags()}"
+               "--network host --ipc host "
                f"--shm-size {shm_size} -v {shlex.quote(self.workdir)}:{shlex.quote(self.workdir)} "
                f"--label dev.ephemera.run-id={shlex.quote(self.run_id)} "
                f"--entrypoint sleep {shlex.quote(image)} {max(1, int(lifetime_seconds))}")
@@ -40,7 +97,7 @@ class ContainerRemote(ShellRemote):
                                      exit_status=result.exit_status, output_tail=tail)
 
     def remove_container(self) -> None:
-        self.host.run(f"docker rm -f {self.name} >/dev/null 2>&1; true", timeout=60)
+        self.host.run(f"{self.docker} rm -f {self.name} >/dev/null 2>&1; true", timeout=60)
 
     def run(self, command: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None,
             timeout: float | None = None, on_line: LineSink | None = None,
@@ -48,7 +105,7 @@ class ContainerRemote(ShellRemote):
         # Values stay in the host-side environment; docker exec copies them by name.
         names = " ".join(f"-e {k}" for k in (env or {}))
         workdir = f"-w {shlex.quote(cwd)} " if cwd else ""
-        outer = f"docker exec {names} {workdir}{self.name} sh -c {shlex.quote(command)}"
+        outer = f"{self.docker_for(env)} exec {names} {workdir}{self.name} sh -c {shlex.quote(command)}"
         return self.host.run(outer, env=env, timeout=timeout, on_line=on_line, log_path=log_path)
 
     def put(self, local: Path, remote: str, *, timeout: float | None = None) -> None:

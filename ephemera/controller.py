@@ -376,8 +376,10 @@ class Run:
                 uploads.append((local, f"{wd}/suite/{relative}"))
             dirs = [f"{wd}/{d}" for d in ("suite", "artifacts", "logs", "model")]
             dirs += [os.path.dirname(target) for _, target in uploads]
-            result = self.remote.run("mkdir -p " + " ".join(shlex.quote(d) for d in dict.fromkeys(dirs)),
-                                     timeout=60)
+            # Made by the login user on the machine (not as root inside a container), so
+            # the uploads, which go in as that user, can write there.
+            result = self._host_remote().run(
+                "mkdir -p " + " ".join(shlex.quote(d) for d in dict.fromkeys(dirs)), timeout=60)
             if not result.ok:
                 raise errors.RemoteCommandError(f"could not create the run directory {wd} on the instance: "
                                                 f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
@@ -387,6 +389,13 @@ class Run:
                 self.remote.put(model_dir, f"{wd}/model", timeout=1800)
                 return f"{wd}/model"
         return ""
+
+    def _host_remote(self) -> Remote:
+        """The channel to the machine itself: past the job's container when there is one."""
+        from ephemera.container import ContainerRemote
+
+        assert self.remote is not None
+        return self.remote.host if isinstance(self.remote, ContainerRemote) else self.remote
 
     def server_env(self) -> dict[str, str]:
         env = {**self.job.env, **self.job.server.env}
@@ -496,12 +505,15 @@ class Run:
             # run directory and the host network (so the server is on 127.0.0.1).
             from ephemera.container import ContainerRemote
 
-            remote = self.remote.host if isinstance(self.remote, ContainerRemote) else self.remote
+            container = self.remote if isinstance(self.remote, ContainerRemote) else None
+            remote = self._host_remote()
             env = self.suite_env()
             names = " ".join(f"-e {k}" for k in env)
             wd = shlex.quote(self.workdir)
-            command = (f"docker run --rm --name ephemera-{self.run_id}-suite --network host "
-                       f"--label dev.ephemera.run-id={self.run_id} {names} -v {wd}:{wd} "
+            docker = container.docker_for(env) if container else "docker"
+            user = container.user_flags() if container else ""
+            command = (f"{docker} run --rm --name ephemera-{self.run_id}-suite --network host "
+                       f"--label dev.ephemera.run-id={self.run_id} {user}{names} -v {wd}:{wd} "
                        f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(self.job.suite.image)} "
                        f"-c {shlex.quote(command)}")
             cwd = None
@@ -513,7 +525,7 @@ class Run:
                     on_line=lambda line: self.reporter.line(self._redact(line), "suite"),
                     log_path=self.artifacts_dir / "suite.log")
             if self.job.suite.image and result.timed_out:
-                remote.run(f"docker rm -f ephemera-{self.run_id}-suite >/dev/null 2>&1; true", timeout=30)
+                remote.run(f"{docker} rm -f ephemera-{self.run_id}-suite >/dev/null 2>&1; true", timeout=30)
             if result.timed_out:
                 raise self._timeout_error("suite", seconds, by_job,
                                           f"the suite was stopped; its output is in {self.artifacts_dir / 'suite.log'}")
@@ -690,11 +702,14 @@ class Run:
                 self.remote = self.provider.connect(self.instance)
                 if self.provider_name not in _IMAGE_PROVIDERS and not getattr(self.provider, "instance_is_image", False) \
                         and image != "host":
-                    from ephemera.container import ContainerRemote
+                    from ephemera.container import ContainerRemote, prepare_host
 
-                    container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir, self.run_id)
-                    self.remote.run(f"mkdir -p {shlex.quote(self.workdir)}", timeout=60)
                     with self.phase("image", image):
+                        # As the login user: the run's directories, and how it reaches Docker.
+                        docker, user = prepare_host(self.remote, self.workdir,
+                                                    f"{self.instance.id} ({self.provider_name})")
+                        container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir,
+                                                    self.run_id, docker=docker, user=user)
                         lifetime = (self.state.expires_at - datetime.now(UTC)).total_seconds() if self.state else 3600
                         container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
                                                   lifetime_seconds=int(lifetime),
@@ -718,7 +733,7 @@ class Run:
                 status, code, message = "timeout", exc.exit_code, exc.message
             except EphemeraError as exc:
                 failure = exc
-                status, code, message = "error", exc.exit_code, exc.message
+                status, code, message = "error", exc.exit_code, str(exc)  # with its hint
             except Exception as exc:  # noqa: BLE001 - anything else still tears down
                 failure = exc
                 status, code = "error", errors.EXIT_INFRA

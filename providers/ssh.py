@@ -15,6 +15,7 @@ another process (``ephemera down``) can terminate the run from the state file.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import shlex
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownErro
 from ephemera.provider import Endpoint, Instance, InstanceState, LaunchSpec, Offer, OfferRequest
 from ephemera.settings import get_settings
 from ephemera.ssh import HostKeyPin, SSHRemote, Target
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 30.0   # launch/terminate: the host exists, so it should answer soon
 POLL_TIMEOUT = 10.0      # poll must not hold the controller long
@@ -236,7 +239,21 @@ class SSHProvider:
             run_label = shlex.quote(f"label=dev.ephemera.run-id={check_run_id(instance.run_id)}")
             containers = (f"if command -v docker >/dev/null 2>&1; then docker ps -aq --filter {run_label} "
                           "| xargs -r docker rm -f >/dev/null 2>&1; fi; ")
-            result = remote.run(containers + cleanup_script(workdir), timeout=90)
+            q = shlex.quote(workdir)
+            ended = f"{q}/.ephemera-ended"   # marks a run ended with files it could not remove
+            result = remote.run(f"[ -e {ended} ] && exit 0; " + containers + cleanup_script(workdir),
+                                timeout=90)
+            if not result.ok:
+                # The run's processes were killed before the removal; what is left are files
+                # the login user may not delete (written by root). labels.json gone means the
+                # run is over: say so once, and do not hold the teardown retrying.
+                check = remote.run(f"test -e {q}/labels.json && echo labels-left || "
+                                   f"{{ : > {ended}; echo run-ended; }}", timeout=30)
+                if check.ok and check.output_tail.strip().endswith("run-ended"):
+                    log.warning("run %s ended on %s, but %s could not be removed completely "
+                                "(files the login user may not delete): %s", instance.run_id,
+                                fields["host"], workdir, result.output_tail.strip()[-300:])
+                    return
         except EphemeraError as exc:
             raise TeardownError(f"could not reach {fields['host']} to remove {workdir}: {exc}",
                                 hint="Its watchdog still ends the run at expires-at.") from None

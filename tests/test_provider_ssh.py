@@ -146,3 +146,48 @@ def test_killed_ephemera_leaves_a_run_that_ends_itself_at_expiry(ssh_options):
     assert not workdir.exists(), "the remote watchdog did not remove the run directory"
     assert not process_alive(pgid), "the remote watchdog did not kill the run's processes"
     assert SSHProvider(target=ssh_options).find({"run-id": "ssh-deadman-1"}) == []
+
+
+@pytest.mark.timeout(120)
+def test_root_owned_leftovers_end_the_teardown_once(docker_login_user, caplog):
+    """As an unprivileged login user: files that root wrote into the run directory cannot
+    be removed by the user. Teardown kills the run's processes, says once what is left,
+    and ends at once, verified, instead of retrying the removal for minutes."""
+    import logging
+    import shutil
+
+    from ephemera.provider import LaunchSpec, Offer, make_labels
+    from ephemera.teardown import teardown_run
+
+    login = docker_login_user.server
+    workroot = docker_login_user.workroot("leftover")
+    options = {"host": login.host, "port": login.port, "user": login.user, "key": login.key_path,
+               "workroot": workroot}
+    from datetime import UTC, datetime, timedelta
+
+    expires = datetime.now(UTC) + timedelta(minutes=10)
+    offer = Offer(provider="ssh", instance_type="cpu", region=None, gpu=None, gpu_count=0,
+                  gpu_memory_gib=0.0, vcpus=1, memory_gib=1.0, price_per_hour=0.0)
+    spec = LaunchSpec(run_id="ssh-rootfiles-1", job_name="contract", offer=offer, image="host",
+                      labels=make_labels("ssh-rootfiles-1", "contract", "tester", expires),
+                      expires_at=expires, options=options)
+    provider = SSHProvider(target=options)
+    instance = provider.launch(spec)
+    workdir = Path(instance.workdir)
+    handle = provider.connect(instance).start("sleep 300", log_file=f"{workdir}/logs/s.log")
+    # What a container running as root leaves in the shared directory.
+    (workdir / "root-owned").mkdir()
+    (workdir / "root-owned" / "vllm.log").write_text("written by root")
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            result = teardown_run(provider, instance.run_id, instance, timeout=120, log=lambda m: None)
+        took = time.monotonic() - started
+        assert result.verified, result.problems
+        assert took < 20, f"teardown held the run {took:.0f}s over files it cannot remove"
+        assert wait_process_gone(int(handle), 5), "the run's process survived the teardown"
+        warnings = [r.getMessage() for r in caplog.records if "could not be removed" in r.getMessage()]
+        assert len(warnings) == 1 and str(workdir) in warnings[0]
+        assert not (workdir / "labels.json").exists()
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)

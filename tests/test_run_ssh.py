@@ -20,7 +20,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
 def ssh_job(tmp_path, sshd, cpu_env_python, tiny_model):
     python = str(cpu_env_python)
 
-    def make(changes: dict | None = None) -> tuple[Path, dict[str, str]]:
+    def make(changes: dict | None = None, login=None) -> tuple[Path, dict[str, str]]:
+        """``login``: a LoginUser to log in as (an unprivileged user), else root."""
+        server = login.server if login else sshd
+        workroot = login.workroot("ssh") if login else str(tmp_path / "remote-root")
         base = {
             "name": "ssh-cpu-smoke",
             "image": "host",
@@ -28,8 +31,8 @@ def ssh_job(tmp_path, sshd, cpu_env_python, tiny_model):
             "suite": {"command": f"cd suites/cpu-smoke && {python} -m pytest -q -p no:cacheprovider "
                                  "--junitxml=junit.xml"},
             "resources": {"provider": "ssh", "ssh": {
-                "host": sshd.host, "port": sshd.port, "user": sshd.user, "key": sshd.key_path,
-                "workroot": str(tmp_path / "remote-root")}},
+                "host": server.host, "port": server.port, "user": server.user, "key": server.key_path,
+                "workroot": workroot}},
         }
         job = write_job(tmp_path, "local-cpu-smoke.yaml", _merge(base, changes or {}))
         env = run_env(EPHEMERA_STATE_DIR=str(tmp_path / "state"), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
@@ -100,22 +103,38 @@ def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
 
 
 @pytest.mark.timeout(600)
-def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cpu_image):
-    """The path aws takes: the job's image runs as a container on the machine (through
-    its Docker, over SSH), with the run directory shared, and the suite runs in an image
-    of its own beside it; teardown removes both."""
+def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cpu_image,
+                                            docker_login_user):
+    """The path aws takes, as an unprivileged login user in the docker group (as on the
+    default GPU AMI): the job's image runs as a container on the machine (through its
+    Docker, over SSH), with the run directory shared, and the suite runs in an image of
+    its own beside it; uploads land in directories the user owns, nothing in the run
+    directory ends up owned by root, and teardown removes both containers and the
+    directory."""
+    import pwd
+
+    login = docker_login_user
     job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"},
                         "suite": {"image": "ephemera/cpu:latest",
                                   "command": "test -f /.dockerenv && echo suite-in-a-container; "
+                                             "echo \"suite-uid=$(id -u)\"; "
                                              "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
-                                             "--junitxml=junit.xml"}})
+                                             "--junitxml=junit.xml"}}, login=login)
+    uid = pwd.getpwnam(login.server.user).pw_uid
     run = RunProcess(job, env)
+    owners: set[int] = set()
+    run.wait_for("suite| suite-in-a-container", timeout=500)
+    workroot = Path(yaml_workroot(job))
+    for path in workroot.rglob("*"):
+        owners.add(path.lstat().st_uid)
     code, result = run.finish(timeout=560)
     assert code == 0, run.stderr[-4000:]
     assert result["status"] == "passed"
+    assert owners == {uid}, f"files in the run directory owned by uids {owners}, not only {uid}"
     artifacts = Path(result["artifacts_dir"])
     assert 'tests="5"' in (artifacts / "junit.xml").read_text()
-    assert "suite-in-a-container" in (artifacts / "suite.log").read_text()
+    suite_log = (artifacts / "suite.log").read_text()
+    assert "suite-in-a-container" in suite_log and f"suite-uid={uid}" in suite_log
     import docker
 
     client = docker.from_env()
@@ -124,3 +143,31 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
     finally:
         client.close()
     assert left == []
+    assert not (workroot / result["run_id"]).exists()
+    workroot.rmdir()
+
+
+@pytest.mark.timeout(300)
+def test_login_user_without_docker_access_is_told_so(tmp_path, ssh_job, docker_engine,
+                                                     nodocker_login_user):
+    """A login user that may not use Docker (and has no passwordless sudo): the run stops
+    before the image, says which user and what to do, and leaves nothing behind."""
+    job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"}},
+                       login=nodocker_login_user)
+    run = RunProcess(job, env)
+    code, result = run.finish(timeout=240)
+    assert code == 2, run.stderr[-4000:]
+    assert result["status"] == "error"
+    assert f"login user '{nodocker_login_user.server.user}'" in result["message"]
+    assert "cannot use Docker" in result["message"]
+    assert "usermod -aG docker" in result["message"]
+    assert result["teardown_verified"] is True
+    workroot = Path(yaml_workroot(job))
+    assert not (workroot / result["run_id"]).exists()
+    workroot.rmdir()
+
+
+def yaml_workroot(job: Path) -> str:
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load(job.read_text())["resources"]["ssh"]["workroot"]
