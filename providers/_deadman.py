@@ -39,20 +39,56 @@ def unprefixed(labels: dict[str, str]) -> dict[str, str]:
     return {k[len(LABEL_PREFIX):]: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)}
 
 
+# Shell functions that decide whether a recorded process group still belongs to the run
+# (pids are recycled, and a .pgids file may outlive a reboot or be damaged). A group is
+# the run's when one of its processes - the leader, or any member once the leader is
+# gone - has EPHEMERA_RUN_ID=<run id> in its environment, names the run's directory on
+# its command line, or works inside that directory. Anything that is not a plain
+# number above 1 is never the run's (kill -1 would signal every process we may
+# signal, 0 our own group). Expects $d (the directory) and $run (the run id).
+_OWNERSHIP = (
+    '_mine() { '
+    'tr "\\0" "\\n" 2>/dev/null < "/proc/$1/environ" | grep -qxF -- "EPHEMERA_RUN_ID=$run" '
+    '&& return 0; '
+    'tr "\\0" "\\n" 2>/dev/null < "/proc/$1/cmdline" | grep -qF -- "$d/" && return 0; '
+    '_c=$(readlink "/proc/$1/cwd" 2>/dev/null) || return 1; '
+    'case "$_c/" in "$d"/*) return 0;; esac; return 1; }; '
+    '_owned() { '
+    'case "$1" in ""|*[!0-9]*) return 1;; esac; '
+    '[ "${#1}" -le 10 ] && [ "$1" -gt 1 ] 2>/dev/null || return 1; '
+    'kill -s 0 -- "-$1" 2>/dev/null || return 1; '
+    '_mine "$1" && return 0; '
+    # A live leader that is not the run's: the group is someone else's.
+    '[ -n "$(tr -d "\\0" 2>/dev/null < "/proc/$1/cmdline")" ] && return 1; '
+    '_g=$1; for _p in /proc/[0-9]*; do '
+    'read -r _s 2>/dev/null < "$_p/stat" || continue; _s=${_s##*") "}; set -- $_s; '
+    '[ "$3" = "$_g" ] && _mine "${_p#/proc/}" && return 0; done; return 1; }; '
+)
+
+
 def _kill_and_remove(d: str) -> str:
-    """Kill the run's process groups (TERM, up to 3 s, then KILL), remove the directory."""
+    """Kill the run's process groups (TERM, up to 3 s, then KILL), remove the directory.
+    Only groups that still belong to the run are signalled (see ``_OWNERSHIP``)."""
     return (
-        f'pgs=$(cat "{d}/.pgids" 2>/dev/null); '
+        _OWNERSHIP
+        + f'pgs=""; if [ -r "{d}/.pgids" ]; then '
+        'while read -r pg || [ -n "$pg" ]; do _owned "$pg" && pgs="$pgs $pg"; '
+        f'done < "{d}/.pgids"; fi; '
         'for pg in $pgs; do kill -s TERM -- "-$pg" 2>/dev/null; done; '
         'i=0; while [ $i -lt 30 ]; do alive=0; '
         'for pg in $pgs; do kill -s 0 -- "-$pg" 2>/dev/null && alive=1; done; '
         '[ $alive = 0 ] && break; sleep 0.1; i=$((i+1)); done; '
-        'for pg in $pgs; do kill -s KILL -- "-$pg" 2>/dev/null; done; '
+        'for pg in $pgs; do _owned "$pg" && kill -s KILL -- "-$pg" 2>/dev/null; done; '
         f'rm -rf -- "{d}"; '
     )
 
 
-def watchdog_script(workdir: str, expires_epoch: int) -> str:
+def _run_of(workdir: str, run_id: str | None) -> str:
+    """The run id a working directory belongs to (its last path element by default)."""
+    return check_run_id(run_id or workdir.rstrip("/").rsplit("/", 1)[-1])
+
+
+def watchdog_script(workdir: str, expires_epoch: int, run_id: str | None = None) -> str:
     """Wait until ``expires_epoch`` (Unix seconds); then, if the directory still
     exists, end everything the run started and remove it. Exits early when the
     directory disappears (a normal terminate)."""
@@ -60,20 +96,22 @@ def watchdog_script(workdir: str, expires_epoch: int) -> str:
         raise ConfigError(f"working directory '{workdir}' must be an absolute path below /")
     return (
         f"# ephemera-watchdog {workdir}\n"
-        f"d={shlex.quote(workdir)}; until={int(expires_epoch)}; "
+        f"d={shlex.quote(workdir.rstrip('/'))}; run={shlex.quote(_run_of(workdir, run_id))}; "
+        f"until={int(expires_epoch)}; "
         'while [ -d "$d" ] && [ "$(date +%s)" -lt "$until" ]; do sleep 1; done; '
         '[ -d "$d" ] || exit 0; '
         + _kill_and_remove("$d")
     )
 
 
-def cleanup_script(workdir: str) -> str:
+def cleanup_script(workdir: str, run_id: str | None = None) -> str:
     """Stop the watchdog, kill the run's process groups, remove the directory. Exit 0
     when the directory is gone (including when it never existed)."""
     return (
-        f"d={shlex.quote(workdir)}; "
+        f"d={shlex.quote(workdir.rstrip('/'))}; run={shlex.quote(_run_of(workdir, run_id))}; "
         '[ -d "$d" ] || exit 0; '
         'w=$(cat "$d/.watchdog" 2>/dev/null); '
+        'case "$w" in ""|*[!0-9]*|0|1) w="";; esac; '
         'if [ -n "$w" ] && tr "\\0" " " < "/proc/$w/cmdline" 2>/dev/null '
         '| grep -qF -- "ephemera-watchdog $d"; then '
         'kill -s KILL -- "-$w" 2>/dev/null || kill -s KILL "$w" 2>/dev/null; fi; '
@@ -82,10 +120,10 @@ def cleanup_script(workdir: str) -> str:
     )
 
 
-def start_watchdog_command(workdir: str, expires_epoch: int) -> str:
+def start_watchdog_command(workdir: str, expires_epoch: int, run_id: str | None = None) -> str:
     """A shell line that starts the watchdog detached (own session, no open streams),
     records its pid in ``.watchdog`` and prints it."""
-    script = watchdog_script(workdir, expires_epoch)
+    script = watchdog_script(workdir, expires_epoch, run_id)
     q = shlex.quote(workdir)
     return (f"setsid sh -c {shlex.quote(script)} > /dev/null 2>&1 < /dev/null & "
             f"echo $! > {q}/.watchdog; echo $!")

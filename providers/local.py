@@ -57,11 +57,19 @@ def _mask(env: Mapping[str, str] | None):
 
 class LocalRemote(ShellRemote):
     """Runs commands as local processes; copies are file copies. Relative paths and
-    commands without ``cwd`` are taken from the run's working directory."""
+    commands without ``cwd`` are taken from the run's working directory.
 
-    def __init__(self, workdir: Path | None = None, pgid_file: Path | None = None) -> None:
+    With ``run_id`` (default: the name of the working directory when a ``pgid_file`` is
+    given) every command gets ``EPHEMERA_RUN_ID`` in its environment: terminate and the
+    watchdog only kill a recorded process group whose processes carry it."""
+
+    def __init__(self, workdir: Path | None = None, pgid_file: Path | None = None,
+                 run_id: str | None = None) -> None:
         self.workdir = Path(workdir) if workdir else None
         self.pgid_file = pgid_file
+        if run_id is None and pgid_file is not None and self.workdir is not None:
+            run_id = self.workdir.name
+        self.run_env = {"EPHEMERA_RUN_ID": run_id} if run_id else {}
 
     def _path(self, path: str) -> Path:
         p = Path(path).expanduser()
@@ -80,7 +88,7 @@ class LocalRemote(ShellRemote):
         mask = _mask(env)
         workdir = self._path(cwd) if cwd else self.workdir
         proc = subprocess.Popen(
-            ["sh", "-c", command], cwd=workdir, env={**os.environ, **(env or {})},
+            ["sh", "-c", command], cwd=workdir, env={**os.environ, **(env or {}), **self.run_env},
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -171,6 +179,10 @@ class LocalRemote(ShellRemote):
 
 
 def _killpg(pgid: int) -> None:
+    """Kill the group of a child this process started and has not reaped yet (so its
+    pid cannot have been recycled). Never 0 or 1, nor anything below."""
+    if pgid <= 1:
+        return
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -265,7 +277,8 @@ class LocalProvider:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / ".pgids").touch()
         out = subprocess.run(
-            ["sh", "-c", start_watchdog_command(str(workdir), int(spec.expires_at.timestamp()))],
+            ["sh", "-c", start_watchdog_command(str(workdir), int(spec.expires_at.timestamp()),
+                                                spec.run_id)],
             capture_output=True, text=True, timeout=30, start_new_session=True)
         pid = out.stdout.strip()
         if out.returncode != 0 or not pid.isdigit():
@@ -291,7 +304,8 @@ class LocalProvider:
 
     def terminate(self, instance: Instance) -> None:
         workdir = instance.data.get("workdir") or str(self._workdir(instance.run_id))
-        result = subprocess.run(["sh", "-c", cleanup_script(workdir)], capture_output=True,
+        result = subprocess.run(["sh", "-c", cleanup_script(workdir, instance.run_id)],
+                                capture_output=True,
                                 text=True, timeout=60)
         if result.returncode != 0 or Path(workdir).exists():
             raise TeardownError(f"could not remove the local run directory {workdir}: "
@@ -315,4 +329,4 @@ class LocalProvider:
         if not workdir.is_dir():
             raise RemoteCommandError(f"the local run directory {workdir} does not exist "
                                      "(terminated or expired)")
-        return LocalRemote(workdir, workdir / ".pgids")
+        return LocalRemote(workdir, workdir / ".pgids", run_id=instance.run_id)

@@ -162,3 +162,86 @@ def test_labels_file_carries_prefixed_labels(contract_local):
         assert expires - datetime.now(UTC) < timedelta(seconds=601)
     finally:
         provider.terminate(instance)
+
+
+def _bystander() -> subprocess.Popen:
+    """A process in its own session that no run started (like another user's job)."""
+    return subprocess.Popen(["sleep", "300"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _start_run_processes(remote, workdir: Path) -> tuple[int, int]:
+    """A detached server (group leader alive) and a group whose leader already exited,
+    leaving a member behind. Returns (server pgid, orphaned member pid)."""
+    server = int(remote.start("sleep 300", log_file="server.log"))
+    assert remote.run("sleep 300 > /dev/null 2>&1 & echo $! > member.pid", timeout=30).ok
+    member = int((workdir / "member.pid").read_text())
+    assert process_alive(server) and process_alive(member)
+    return server, member
+
+
+def _poison_pgids(workdir: Path, bystander: int) -> None:
+    with open(workdir / ".pgids", "a", encoding="utf-8") as fh:
+        fh.write(f"-1\n0\n1\nabc\n$(touch {workdir.parent}/pwned)\n 99999999999999999999\n"
+                 f"{bystander}\n")
+
+
+@pytest.mark.timeout(60)
+def test_terminate_kills_only_process_groups_that_belong_to_the_run(contract_local):
+    provider = contract_local.provider
+    instance = provider.launch(contract_local.make_spec("local-owned-1"))
+    workdir = Path(instance.workdir)
+    bystander = _bystander()
+    try:
+        remote = provider.connect(instance)
+        server, member = _start_run_processes(remote, workdir)
+        assert b"EPHEMERA_RUN_ID=local-owned-1" in Path(f"/proc/{server}/environ").read_bytes()
+        _poison_pgids(workdir, bystander.pid)
+        provider.terminate(instance)
+        assert wait_process_gone(server, 5) and wait_process_gone(member, 5)
+        assert not workdir.exists()
+        assert bystander.poll() is None, "terminate killed a process the run did not start"
+        assert not (workdir.parent / "pwned").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+        provider.terminate(instance)
+
+
+@pytest.mark.timeout(60)
+def test_watchdog_kills_only_process_groups_that_belong_to_the_run(contract_local):
+    provider = contract_local.provider
+    instance = provider.launch(contract_local.make_spec("local-owned-2", expires_in_seconds=3))
+    workdir = Path(instance.workdir)
+    bystander = _bystander()
+    try:
+        remote = provider.connect(instance)
+        server, member = _start_run_processes(remote, workdir)
+        _poison_pgids(workdir, bystander.pid)
+        deadline = time.monotonic() + 20
+        while workdir.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not workdir.exists(), "the watchdog did not end the run at its expiry"
+        assert wait_process_gone(server, 5) and wait_process_gone(member, 5)
+        assert bystander.poll() is None, "the watchdog killed a process the run did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        provider.terminate(instance)
+
+
+@pytest.mark.timeout(60)
+def test_a_recycled_pid_in_the_record_is_left_alone(contract_local):
+    """The run's server ended long ago and its pid now belongs to someone else."""
+    provider = contract_local.provider
+    instance = provider.launch(contract_local.make_spec("local-owned-3"))
+    workdir = Path(instance.workdir)
+    bystander = _bystander()
+    try:
+        (workdir / ".pgids").write_text(f"{bystander.pid}\n")
+        provider.terminate(instance)
+        assert not workdir.exists()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
