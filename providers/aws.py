@@ -8,49 +8,78 @@ What a launch creates, all tagged with the ephemera labels (``ephemera:run-id``,
   else (vLLM is reached through the SSH tunnel, never exposed),
 - the instance: a GPU VM image with the NVIDIA driver, Docker and the container
   toolkit (AWS's Deep Learning Base GPU AMI by default), IMDSv2 required, an
-  encrypted gp3 root volume, ``InstanceInitiatedShutdownBehavior=terminate`` and a
-  user-data dead-man switch that powers off at ``expires-at``.
+  encrypted gp3 root volume, a public address asked for on its network interface,
+  ``InstanceInitiatedShutdownBehavior=terminate`` and a user-data dead-man switch
+  that powers off at ``expires-at``.
 
 The provider never waits: ``launch`` returns as soon as RunInstances has answered,
 ``poll`` says how far the instance has come, ``terminate`` asks for termination, and
 ``terminate_confirmed`` (called by the controller until it returns True) checks that
-the instance is ``terminated`` and then deletes the group and key pair. The one
-exception is throttling and 5xx answers: a single API call is retried with
-exponential backoff and jitter (tenacity), bounded by ``retry_attempts``.
+the instance is ``terminated`` and then deletes the group and key pair. A terminate
+that AWS answers with "not found" right after launch is not taken as "gone": ``poll``
+sends it again while the instance shows up alive. The one exception to "never
+waits" is throttling and 5xx answers: a single API call is retried with exponential
+backoff and jitter (tenacity), bounded by ``retry_attempts``.
 
-Capacity failover happens inside ``launch``: each RunInstances attempt is immediate,
-and a capacity error moves on to the next subnet (availability zone), then from spot
-to on-demand when allowed, then to the next region; when all are exhausted,
-``NoCapacityError`` lets the controller try the plan's next offer. A quota error
-skips that instance family in that region for the rest of this provider's life.
+Failover happens inside ``launch``, region by region (the offer's first). Before
+anything is created in a region, the region is recorded on disk for the run (see
+``aws_regions``), its vCPU quotas are read (see ``aws_quotas``) and the price cap is
+checked for each market. Then each RunInstances attempt is immediate: a capacity
+error moves on to the next subnet, then from spot to on-demand when allowed, then to
+the next region; a quota error skips that instance family in that region for the
+rest of this provider's life; spot without its service-linked role is taken as "no
+spot in this account"; ``OptInRequired`` skips the region and
+``InvalidParameterCombination`` the offer in that region. When all are exhausted,
+``NoCapacityError`` (or ``QuotaError``) lets the controller try the plan's next offer.
 
 Options read from ``LaunchSpec.options`` (the job's ``resources.aws`` section under
 ``"aws"``, or the same keys at the top level): ``ami``, ``subnet_ids``,
 ``security_group_id``, ``ssh_cidr``, ``key_name``, ``ssh_user``, plus ``spot``,
-``spot_fallback``, ``regions`` and ``tags``.
+``spot_fallback``, ``max_price_per_hour``, ``regions`` and ``tags``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
+from ephemera_providers import aws_regions
+from ephemera_providers.aws_common import (
+    LIVE_STATES,
+    TAG_PREFIX,
+    Options,
+    attached_groups,
+    data_from_instance,
+    from_tags,
+    is_boto_error,
+    matches,
+    orphan,
+    resource_name,
+    ssh_cidr,
+    tag_key,
+    to_tags,
+)
 from ephemera_providers.aws_errors import (
     QUOTA_CODES,
+    SPOT_ROLE_HINT,
+    IncompleteSearchError,
     Kind,
+    aws_code,
     classify,
     error_code,
     error_text,
+    kind_of_code,
     to_ephemera_error,
 )
+from ephemera_providers.aws_quotas import QuotaReader
+from ephemera_providers.aws_resources import DLAMI_PARAMETER, LaunchResources, SkipRegion
 from ephemera_providers.aws_userdata import user_data
 
-from ephemera.errors import ConfigError, InfraError, NoCapacityError, QuotaError
+from ephemera.errors import EphemeraError, InfraError, NoCapacityError, QuotaError
 from ephemera.provider import (
-    LABEL_KEYS,
     LABEL_RUN_ID,
     Endpoint,
     Instance,
@@ -60,16 +89,18 @@ from ephemera.provider import (
     OfferRequest,
 )
 
-DLAMI_PARAMETER = (
-    "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
-)
-TAG_PREFIX = "ephemera:"
-# Room for the job's image and the model weights when the plan does not say.
+__all__ = ["AWSProvider", "DLAMI_PARAMETER", "TAG_PREFIX", "from_tags", "resource_name",
+           "ssh_cidr", "tag_key", "to_tags"]
+
+# Room for the job's image and the model weights when the launch spec gives no size.
 DEFAULT_DATA_GIB = 60
-LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 # A new instance can be missing from DescribeInstances for a moment after launch.
 NOT_FOUND_GRACE_SECONDS = 120
+# How often poll sends TerminateInstances again to an instance that is still alive.
+MAX_TERMINATE_RESENDS = 20
 SSH_PROBE_SECONDS = 2.0
+# A reap prunes the region records of runs that expired this long ago.
+RECORD_KEEP = timedelta(hours=1)
 
 _STATE_MAP = {
     "pending": InstanceState.PENDING,
@@ -81,66 +112,36 @@ _STATE_MAP = {
 }
 
 
-def tag_key(label: str) -> str:
-    """AWS tag key for a label: the four canonical labels get the ``ephemera:`` prefix."""
-    return TAG_PREFIX + label if label in LABEL_KEYS else label
+@dataclass
+class _Attempt:
+    """What one launch learned on its way: why each place was passed over, hints for
+    the user, and notes the launched instance carries (a fallback that happened)."""
+
+    failures: list[str] = field(default_factory=list)
+    quota_hints: list[str] = field(default_factory=list)
+    quota_failures: int = 0
+    hints: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def quota(self, reason: str, hint: str) -> None:
+        self.failures.append(reason)
+        self.quota_hints.append(hint)
+        self.quota_failures += 1
+
+    def error(self, instance_type: str, regions: list[str]) -> EphemeraError:
+        where = ", ".join(regions)
+        detail = "; ".join(self.failures) or "nothing was tried"
+        if self.quota_failures and self.quota_failures == len(self.failures):
+            return QuotaError(f"{instance_type} could not be launched in {where}: {detail}.",
+                              hint="To launch it: " + "; ".join(dict.fromkeys(self.quota_hints)) + ".")
+        hints = list(dict.fromkeys(self.hints + [h[0].upper() + h[1:] + "." for h in self.quota_hints]))
+        hints.append("Add regions (resources.regions / EPHEMERA_AWS_REGIONS) or allow other instance "
+                     "types; ephemera tries the plan's next offer.")
+        return NoCapacityError(f"no capacity for {instance_type} in {where}: {detail}.",
+                               hint=" ".join(hints))
 
 
-def to_tags(labels: Mapping[str, str], name: str | None = None) -> list[dict[str, str]]:
-    tags = [{"Key": tag_key(k), "Value": str(v)} for k, v in labels.items()]
-    if name and not any(t["Key"] == "Name" for t in tags):
-        tags.append({"Key": "Name", "Value": name})
-    return tags
-
-
-def from_tags(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
-    """Labels with canonical keys from AWS tags (``Name`` and ``aws:`` tags dropped)."""
-    labels: dict[str, str] = {}
-    for tag in tags or ():
-        key, value = tag["Key"], tag.get("Value", "")
-        if key == "Name" or key.startswith("aws:"):
-            continue
-        if key.startswith(TAG_PREFIX) and key[len(TAG_PREFIX):] in LABEL_KEYS:
-            key = key[len(TAG_PREFIX):]
-        labels[key] = value
-    return labels
-
-
-def resource_name(run_id: str) -> str:
-    return f"ephemera-{run_id}"
-
-
-def ssh_cidr(configured: str | None, field: str) -> str:
-    """The CIDR allowed to reach SSH: the configured one, else this machine's public /32.
-
-    The lookup asks https://checkip.amazonaws.com (AWS's own echo service); it is
-    only used when no CIDR is configured, so tests and locked-down runners never
-    leave the machine for it.
-    """
-    if configured:
-        try:
-            return str(ipaddress.ip_network(configured, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{field}: '{configured}' is not a CIDR ({exc}).") from None
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen("https://checkip.amazonaws.com", timeout=5) as resp:
-            address = resp.read().decode().strip()
-        ipaddress.ip_address(address)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"could not find this machine's public address for the SSH rule ({exc}).",
-            hint="Set EPHEMERA_AWS_SSH_CIDR or resources.aws.ssh_cidr (e.g. 203.0.113.7/32).",
-        ) from None
-    return f"{address}/32"
-
-
-class _SkipRegion(Exception):
-    """Internal: stop trying this region (quota, no subnet), go on with the next one."""
-
-
-class AWSProvider:
+class AWSProvider(LaunchResources):
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"
@@ -161,6 +162,11 @@ class AWSProvider:
         self.retry_max_seconds = retry_max_seconds
         # (region, instance family) -> why it is skipped (a quota error seen this run).
         self.skipped_families: dict[tuple[str, str], str] = {}
+        # Why spot cannot be used in this account, once RunInstances said so.
+        self.spot_unavailable: str | None = None
+        self.quotas = QuotaReader(lambda region: self.client("service-quotas", region))
+        # Instance id -> TerminateInstances calls sent by this process.
+        self._terminate_sent: dict[str, int] = {}
 
     # ----------------------------------------------------------------- plumbing
 
@@ -247,48 +253,36 @@ class AWSProvider:
 
         return list(catalog.builtin_aws_offers(request))
 
+    def _catalog_price(self, instance_type: str, region: str, spot: bool) -> tuple[float, str] | None:
+        """The catalog's hourly price of a type in a region (the built-in catalog moves a
+        price from another region and says so in the source)."""
+        for offer in self.offers(OfferRequest(regions=(region,), instance_type=instance_type)):
+            if offer.instance_type == instance_type and offer.region == region and offer.spot == spot:
+                return offer.price_per_hour, offer.price_source
+        return None
+
+    def _market_price(self, offer: Offer, region: str, market: str) -> tuple[float, str] | None:
+        spot = market == "spot"
+        if offer.spot == spot and offer.region in (None, region):
+            return offer.price_per_hour, offer.price_source
+        return self._catalog_price(offer.instance_type, region, spot)
+
     # ------------------------------------------------------------------ launch
 
     def launch(self, spec: LaunchSpec) -> Instance:
-        opts = _Options(spec.options)
+        opts = Options(spec.options)
         regions = self._launch_regions(spec, opts)
-        existing = self._existing_instance(spec.run_id, regions)
+        existing = self._existing_instance(spec.run_id, self._recorded(spec.run_id))
         if existing is not None:
             return existing
-        family = spec.offer.instance_type.split(".")[0]
-        failures: list[str] = []
-        quota_hints: list[str] = []
+        attempt = _Attempt()
         for region in regions:
-            skipped = self.skipped_families.get((region, family))
-            if skipped:
-                failures.append(f"{region}: {family} skipped ({skipped})")
-                continue
-            created: dict[str, str] = {}
-            try:
-                instance = self._launch_in_region(spec, opts, region, created, failures)
-            except _SkipRegion as why:
-                self._delete_created(region, created)
-                if str(why).startswith("quota:"):
-                    quota_hints.append(str(why)[len("quota:"):])
-                continue
-            except BaseException:
-                self._delete_created(region, created)
-                raise
+            instance = self._try_region(spec, opts, region, attempt)
             if instance is not None:
                 return instance
-            self._delete_created(region, created)
-        where = ", ".join(regions)
-        detail = "; ".join(failures) or "nothing was tried"
-        if quota_hints and len(quota_hints) == len(failures):
-            raise QuotaError(
-                f"{spec.offer.instance_type} could not be launched in {where}: {detail}.",
-                hint="Raise " + "; ".join(dict.fromkeys(quota_hints)) + ".")
-        raise NoCapacityError(
-            f"no capacity for {spec.offer.instance_type} in {where}: {detail}.",
-            hint=("Add regions (resources.regions / EPHEMERA_AWS_REGIONS) or allow other "
-                  "instance types; ephemera tries the plan's next offer."))
+        raise attempt.error(spec.offer.instance_type, regions)
 
-    def _launch_regions(self, spec: LaunchSpec, opts: _Options) -> list[str]:
+    def _launch_regions(self, spec: LaunchSpec, opts: Options) -> list[str]:
         listed = list(opts.get("regions") or []) or list(self.settings.aws_regions)
         if listed:
             first = [spec.offer.region] if spec.offer.region in listed else []
@@ -296,56 +290,156 @@ class AWSProvider:
         return [spec.offer.region or self.default_region()]
 
     def _existing_instance(self, run_id: str, regions: list[str]) -> Instance | None:
-        """Launch is idempotent on the run id: a live instance tagged with it is reused."""
+        """Launch is idempotent on the run id: a live instance tagged with it, in a region
+        an earlier launch of the run tried, is reused."""
         for region in regions:
-            for raw in self._describe(region, [
-                {"Name": f"tag:{tag_key(LABEL_RUN_ID)}", "Values": [run_id]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-            ]):
-                return self._instance_from(raw, region, data=_data_from_instance(raw, region))
+            try:
+                found = self._describe(region, [
+                    {"Name": f"tag:{tag_key(LABEL_RUN_ID)}", "Values": [run_id]},
+                    {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+            except EphemeraError as exc:
+                if classify_code(exc) is Kind.REGION_DISABLED:
+                    continue
+                raise
+            for raw in found:
+                return self._instance_from(raw, region, data=data_from_instance(raw, region))
         return None
 
-    def _launch_in_region(self, spec: LaunchSpec, opts: _Options, region: str,
-                          created: dict[str, str], failures: list[str]) -> Instance | None:
+    def _try_region(self, spec: LaunchSpec, opts: Options, region: str,
+                    attempt: _Attempt) -> Instance | None:
+        """One region: record it, pick the markets quotas and the price cap allow, set up
+        the key and group, try RunInstances. None means "go on with the next region"."""
+        family = spec.offer.instance_type.split(".")[0]
+        skipped = self.skipped_families.get((region, family))
+        if skipped:
+            attempt.failures.append(f"{region}: {family} skipped ({skipped})")
+            return None
+        self._record_region(spec, opts, region)
+        created: dict[str, str] = {}
+        try:
+            markets = self._markets(spec, opts, region, attempt)
+            if not markets:
+                return None
+            instance = self._launch_in_region(spec, opts, region, markets, created, attempt)
+        except SkipRegion:
+            instance = None
+        except EphemeraError as exc:
+            self._delete_created(region, created)
+            if classify_code(exc) is not Kind.REGION_DISABLED:
+                raise
+            attempt.failures.append(f"{region}: skipped, the region is not enabled for this "
+                                    f"account (OptInRequired)")
+            attempt.hints.append("Enable the region (AWS console > Account > AWS Regions) or "
+                                 "remove it from resources.regions.")
+            return None
+        except BaseException:
+            self._delete_created(region, created)
+            raise
+        if instance is None:
+            self._delete_created(region, created)
+        return instance
+
+    def _record_region(self, spec: LaunchSpec, opts: Options, region: str) -> None:
+        """Write down, before anything is created there, that this run tries ``region``,
+        so that a teardown in another process looks there. A region that cannot be
+        recorded is only tried when ``find`` searches it anyway."""
+        state_dir = getattr(self.settings, "state_dir", None)
+        if state_dir is None:
+            return
+        options = {"subnet_ids": list(opts.get("subnet_ids") or []),
+                   "profile": getattr(self.session, "profile_name", None) or ""}
+        try:
+            aws_regions.add_region(state_dir, spec.run_id, region, expires_at=spec.expires_at,
+                                   options=options)
+        except (OSError, ValueError) as exc:
+            if region in self.find_regions():
+                return
+            raise InfraError(
+                f"could not record that run {spec.run_id} tries {region} "
+                f"({aws_regions.records_dir(state_dir)}): {exc}; not launching where a later "
+                "teardown would not look.",
+                hint="Make the state directory (EPHEMERA_STATE_DIR) writable.") from exc
+
+    def _recorded(self, run_id: str) -> list[str]:
+        state_dir = getattr(self.settings, "state_dir", None)
+        if state_dir is None:
+            return []
+        try:
+            return aws_regions.recorded_regions(state_dir, run_id)
+        except ValueError:
+            return []
+
+    def _markets(self, spec: LaunchSpec, opts: Options, region: str,
+                 attempt: _Attempt) -> list[str]:
+        """The markets to try in ``region``, in order: spot first when asked, then
+        on-demand when the job allows the fallback; minus what the account cannot use
+        (spot without its role, a quota below the offer's vCPUs) and an on-demand price
+        above the cap (spot is capped by its MaxPrice)."""
+        wants_spot = _wants_spot(spec, opts)
+        if not wants_spot:
+            markets = ["on-demand"]
+        elif opts.get("spot_fallback", True):
+            markets = ["spot", "on-demand"]
+        else:
+            markets = ["spot"]
+        if "spot" in markets and self.spot_unavailable:
+            markets.remove("spot")
+            attempt.failures.append(f"{region}: spot skipped ({self.spot_unavailable})")
+        kept = []
+        for market in markets:
+            short = self.quotas.shortfall(region, spec.offer.instance_type, market, spec.offer.vcpus)
+            if short is not None:
+                attempt.quota(short.reason(), short.hint())
+                continue
+            refusal = self._price_refusal(spec, opts, region, market, fallback=wants_spot)
+            if refusal:
+                attempt.failures.append(refusal)
+                continue
+            kept.append(market)
+        return kept
+
+    def _price_refusal(self, spec: LaunchSpec, opts: Options, region: str, market: str,
+                       *, fallback: bool) -> str | None:
+        cap = opts.get("max_price_per_hour")
+        if cap is None or market == "spot":
+            return None
+        what = "on-demand fallback" if fallback else "on-demand"
+        known = self._market_price(spec.offer, region, "on-demand")
+        if known is None:
+            return (f"{region}: {what} refused: no on-demand price is known for "
+                    f"{spec.offer.instance_type} there, so max_price_per_hour ${float(cap):.4g}/h "
+                    "cannot be checked")
+        if known[0] > float(cap):
+            return (f"{region}: {what} refused: ${known[0]:.4g}/h ({known[1]}) is above "
+                    f"max_price_per_hour ${float(cap):.4g}/h")
+        return None
+
+    def _launch_in_region(self, spec: LaunchSpec, opts: Options, region: str, markets: list[str],
+                          created: dict[str, str], attempt: _Attempt) -> Instance | None:
         ami = self._resolve_ami(region, opts)
         root_device, image_gib = self._image_root(region, ami)
-        subnets, vpc_id = self._subnets(region, spec.offer.instance_type, opts, failures)
+        subnets, vpc_id = self._subnets(region, spec.offer.instance_type, opts, attempt.failures)
         key_name = self._ensure_key(region, spec, opts, created)
         group_id = self._ensure_group(region, spec, opts, vpc_id, created)
-        disk_gib = image_gib + (spec.disk_gib or DEFAULT_DATA_GIB)
-        spot = bool(spec.offer.spot or opts.get("spot"))
-        markets = ["spot", "on-demand"] if spot and opts.get("spot_fallback", True) else (
-            ["spot"] if spot else ["on-demand"])
+        disk_gib = root_volume_gib(spec.disk_gib, image_gib)
         labels = self._labels(spec, opts)
         for market in markets:
+            if market == "spot" and self.spot_unavailable:
+                continue
             for subnet in subnets:
-                params = self._run_params(spec, ami, root_device, disk_gib, key_name, group_id,
-                                          subnet, market, labels, region)
+                params = self._run_params(spec, opts, ami, root_device, disk_gib, key_name,
+                                          group_id, subnet, market, labels, region)
                 try:
                     reply = self._call_raw("ec2", region, "run_instances", **params)
-                except Exception as exc:  # noqa: BLE001 - sorted by classify below
-                    kind = classify(exc) if hasattr(exc, "response") else Kind.OTHER
-                    place = f"{region}/{subnet or 'default subnet'} ({market})"
-                    if kind is Kind.CAPACITY:
-                        failures.append(f"{place}: {error_code(exc)}")
+                except Exception as exc:  # noqa: BLE001 - sorted by _after_failure
+                    if self._after_failure(exc, spec, region, subnet, market, attempt) == "subnet":
                         continue
-                    if kind is Kind.QUOTA:
-                        code = error_code(exc)
-                        failures.append(f"{place}: {code}: {error_text(exc)}")
-                        if market == "spot" and len(markets) > 1:
-                            break  # spot quota: on-demand may still be allowed
-                        family = spec.offer.instance_type.split(".")[0]
-                        self.skipped_families[(region, family)] = code
-                        raise _SkipRegion(f"quota:{QUOTA_CODES.get(code, code)} in {region}") from exc
-                    if hasattr(exc, "response") or _is_boto_error(exc):
-                        raise to_ephemera_error(exc, "RunInstances", region) from exc
-                    raise
+                    break
                 raw = reply["Instances"][0]
                 data = {
                     "region": region,
                     "ami": ami,
-                    "subnet_id": subnet or "",
-                    "market": market,
+                    "subnet_id": subnet,
                     "key_name": key_name,
                     "key_owned": "1" if created.get("key_name") else "",
                     "security_group_id": group_id,
@@ -353,26 +447,77 @@ class AWSProvider:
                     "ssh_user": str(opts.get("ssh_user") or "ubuntu"),
                     "key_path": spec.ssh_private_key_path or "",
                     "disk_gib": str(disk_gib),
+                    "regions": ",".join(self._recorded(spec.run_id) or [region]),
+                    **self._billing(spec, region, market, raw),
                 }
-                return self._instance_from(raw, region, data=data, labels=labels)
+                if market == "on-demand" and _wants_spot(spec, opts) and not attempt.notes:
+                    attempt.notes.append("spot could not be launched (" + "; ".join(
+                        attempt.failures[-3:]) + "), so this is an on-demand instance")
+                if attempt.notes:
+                    data["notes"] = " ".join(attempt.notes)
+                instance = self._instance_from(raw, region, data=data, labels=labels)
+                return instance.evolve(message=data.get("notes") or instance.message)
         return None
 
-    def _labels(self, spec: LaunchSpec, opts: _Options) -> dict[str, str]:
-        labels = {str(k): str(v) for k, v in spec.labels.items()}
-        for key, value in (opts.get("tags") or {}).items():
-            labels.setdefault(str(key), str(value))
-        for key in labels:
-            if key.lower().startswith("aws:") or (key.startswith(TAG_PREFIX) and key[len(TAG_PREFIX):] not in LABEL_KEYS):
-                raise ConfigError(f"resources.tags: tag key '{key}' is reserved (aws: and ephemera: prefixes).")
-            if len(key) > 128 or len(labels[key]) > 256:
-                raise ConfigError(f"resources.tags: tag '{key}' is too long (key 128, value 256 characters).")
-        missing = [k for k in LABEL_KEYS if k not in labels]
-        if missing:
-            raise ConfigError(f"launch spec labels lack {', '.join(missing)}.")
-        return labels
+    def _after_failure(self, exc: Exception, spec: LaunchSpec, region: str, subnet: str,
+                       market: str, attempt: _Attempt) -> str:
+        """What a failed RunInstances means: "subnet" (try the next one), "market" (no
+        more of this market here), or raise (SkipRegion or a typed error)."""
+        if not hasattr(exc, "response") and not is_boto_error(exc):
+            raise exc
+        code, kind = error_code(exc), classify(exc)
+        place = f"{region}/{subnet} ({market})"
+        if kind is Kind.CAPACITY:
+            attempt.failures.append(f"{place}: {code}")
+            return "subnet"
+        if kind is Kind.SPOT_UNAVAILABLE and market == "spot":
+            self.spot_unavailable = f"{code}: no spot service-linked role in this account"
+            attempt.failures.append(f"{place}: {code} (spot is not available in this account)")
+            attempt.hints.append(SPOT_ROLE_HINT)
+            attempt.notes.append("spot is not available in this account "
+                                 f"({code}), so this is an on-demand instance. {SPOT_ROLE_HINT}")
+            return "market"
+        if kind is Kind.QUOTA:
+            attempt.quota(f"{place}: {code}: {error_text(exc)}",
+                          f"raise {QUOTA_CODES.get(code, code)} in {region}")
+            if market == "spot":
+                return "market"  # spot quota: on-demand may still be allowed
+            family = spec.offer.instance_type.split(".")[0]
+            self.skipped_families[(region, family)] = code
+            raise SkipRegion(code) from exc
+        if code == "InvalidParameterCombination":
+            attempt.failures.append(
+                f"{region}: {spec.offer.instance_type} skipped here: {code}: {error_text(exc)} "
+                "(AWS refuses this instance type with these launch settings in this region)")
+            raise SkipRegion(code) from exc
+        raise to_ephemera_error(exc, "RunInstances", region) from exc
 
-    def _run_params(self, spec: LaunchSpec, ami: str, root_device: str, disk_gib: int,
-                    key_name: str, group_id: str, subnet: str | None, market: str,
+    def _billing(self, spec: LaunchSpec, region: str, market: str,
+                 raw: Mapping[str, Any]) -> dict[str, str]:
+        """Market, zone and hourly price of what was launched (written to Instance.data,
+        read by the cost report). Spot is priced from the zone's price history when
+        AWS gives it, else from the catalog; on-demand from the plan or the catalog."""
+        zone = (raw.get("Placement") or {}).get("AvailabilityZone", "")
+        priced: tuple[float, str] | None = None
+        if market == "spot":
+            from ephemera_providers.aws_prices import spot_price_now
+
+            now = spot_price_now(self, spec.offer.instance_type, region, zone)
+            if now is not None:
+                priced = (now, f"AWS spot price history {zone or region} at launch")
+        if priced is None:
+            priced = self._market_price(spec.offer, region, market)
+        if priced is None and market == "spot":
+            bound = self._market_price(spec.offer, region, "on-demand")
+            if bound is not None:
+                priced = (bound[0], f"{bound[1]} (on-demand price, the most spot can cost)")
+        out = {"market": market, "availability_zone": zone}
+        if priced is not None:
+            out.update(price_per_hour=f"{priced[0]:.6g}", price_source=priced[1])
+        return out
+
+    def _run_params(self, spec: LaunchSpec, opts: Options, ami: str, root_device: str,
+                    disk_gib: int, key_name: str, group_id: str, subnet: str, market: str,
                     labels: Mapping[str, str], region: str) -> dict[str, Any]:
         name = resource_name(spec.run_id)
         tags = to_tags(labels, name)
@@ -393,165 +538,31 @@ class AWSProvider:
                 "Encrypted": True}}],
             "TagSpecifications": specs,
             # Same token for the same attempt: a retried call cannot start a second machine.
-            "ClientToken": f"{spec.run_id}-{region}-{subnet or 'any'}-{market}"[-64:],
-        }
-        if subnet and self.settings.aws_use_private_ip:
-            # No public address at all: reached by private address or through the bastion.
-            params["NetworkInterfaces"] = [{
+            "ClientToken": f"{spec.run_id}-{region}-{subnet}-{market}"[-64:],
+            # The address is asked for explicitly: a subnet that does not auto-assign one
+            # would otherwise give a machine SSH cannot reach, billed until the boot
+            # timeout. With aws_use_private_ip there is none at all (bastion or VPN).
+            "NetworkInterfaces": [{
                 "DeviceIndex": 0, "SubnetId": subnet, "Groups": [group_id],
-                "AssociatePublicIpAddress": False, "DeleteOnTermination": True}]
-        else:
-            params["SecurityGroupIds"] = [group_id]
-            if subnet:
-                params["SubnetId"] = subnet
-        if market == "spot":
-            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": {
-                "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
-        return params
-
-    def _resolve_ami(self, region: str, opts: _Options) -> str:
-        ami = opts.get("ami") or self.settings.aws_ami
-        if ami:
-            return str(ami)
-        from botocore.exceptions import ClientError
-
-        try:
-            reply = self._call_raw("ssm", region, "get_parameter", Name=DLAMI_PARAMETER)
-        except ClientError as exc:
-            if error_code(exc) == "ParameterNotFound":
-                raise ConfigError(
-                    f"the Deep Learning Base GPU AMI parameter {DLAMI_PARAMETER} does not exist in {region}.",
-                    hint="Set EPHEMERA_AWS_AMI or resources.aws.ami to a GPU AMI with Docker and the NVIDIA toolkit.",
-                ) from None
-            raise to_ephemera_error(exc, "ssm:GetParameter (Deep Learning AMI)", region) from exc
-        return reply["Parameter"]["Value"]
-
-    def _image_root(self, region: str, ami: str) -> tuple[str, int]:
-        """Root device name and the size of its snapshot (the disk must be at least that)."""
-        from botocore.exceptions import ClientError
-
-        try:
-            images = self._call_raw("ec2", region, "describe_images", ImageIds=[ami])["Images"]
-        except ClientError as exc:
-            if classify(exc) in (Kind.INVALID, Kind.NOT_FOUND):
-                images = []
-            else:
-                raise to_ephemera_error(exc, "DescribeImages", region) from exc
-        if not images:
-            raise ConfigError(f"AMI {ami} does not exist in {region} (EPHEMERA_AWS_AMI / resources.aws.ami).")
-        image = images[0]
-        root = image.get("RootDeviceName") or "/dev/sda1"
-        size = 0
-        for mapping in image.get("BlockDeviceMappings", []):
-            if mapping.get("DeviceName") == root:
-                size = int(mapping.get("Ebs", {}).get("VolumeSize") or 0)
-        return root, size
-
-    def _subnets(self, region: str, instance_type: str, opts: _Options,
-                 failures: list[str]) -> tuple[list[str | None], str | None]:
-        """Subnets to try in order, and their VPC. Configured subnets are used as given;
-        otherwise the default VPC's default subnets in zones that offer the type."""
-        wanted = list(opts.get("subnet_ids") or [])
-        if not wanted and self.settings.aws_subnet_id:
-            wanted = [self.settings.aws_subnet_id]
-        if wanted:
-            found = self._call("ec2", region, "describe_subnets",
-                               Filters=[{"Name": "subnet-id", "Values": wanted}])["Subnets"]
-            by_id = {s["SubnetId"]: s for s in found}
-            subnets = [s for s in wanted if s in by_id]
-            if not subnets:
-                failures.append(f"{region}: none of the subnets {', '.join(wanted)} is in this region")
-                raise _SkipRegion("subnets")
-            return list(subnets), by_id[subnets[0]]["VpcId"]
-        vpcs = self._call("ec2", region, "describe_vpcs",
-                          Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
-        if not vpcs:
-            raise ConfigError(
-                f"{region} has no default VPC, so ephemera does not know where to launch.",
-                hint="Set EPHEMERA_AWS_SUBNET_ID or resources.aws.subnet_ids.")
-        vpc_id = vpcs[0]["VpcId"]
-        subnets = self._call("ec2", region, "describe_subnets", Filters=[
-            {"Name": "vpc-id", "Values": [vpc_id]},
-            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
-        offered = {o["Location"] for o in self._call(
-            "ec2", region, "describe_instance_type_offerings", LocationType="availability-zone",
-            Filters=[{"Name": "instance-type", "Values": [instance_type]}])["InstanceTypeOfferings"]}
-        usable = sorted((s for s in subnets if s["AvailabilityZone"] in offered),
-                        key=lambda s: s["AvailabilityZone"])
-        if not usable:
-            failures.append(f"{region}: {instance_type} is not offered in any zone")
-            raise _SkipRegion("not offered")
-        return [s["SubnetId"] for s in usable], vpc_id
-
-    def _ensure_key(self, region: str, spec: LaunchSpec, opts: _Options,
-                    created: dict[str, str]) -> str:
-        if opts.get("key_name"):
-            return str(opts.get("key_name"))
-        if not spec.ssh_public_key:
-            raise ConfigError("the launch spec has no SSH public key and resources.aws.key_name is not set.")
-        from botocore.exceptions import ClientError
-
-        name = resource_name(spec.run_id)
-        try:
-            self._call_raw("ec2", region, "import_key_pair", KeyName=name,
-                           PublicKeyMaterial=spec.ssh_public_key.encode(),
-                           TagSpecifications=[{"ResourceType": "key-pair",
-                                               "Tags": to_tags(self._labels(spec, opts))}])
-        except ClientError as exc:
-            if error_code(exc) != "InvalidKeyPair.Duplicate":
-                raise to_ephemera_error(exc, "ImportKeyPair", region) from exc
-        created["key_name"] = name
-        return name
-
-    def _ensure_group(self, region: str, spec: LaunchSpec, opts: _Options, vpc_id: str | None,
-                      created: dict[str, str]) -> str:
-        existing = opts.get("security_group_id") or self.settings.aws_security_group_id
-        if existing:
-            return str(existing)
-        cidr = ssh_cidr(opts.get("ssh_cidr") or self.settings.aws_ssh_cidr,
-                        "resources.aws.ssh_cidr / EPHEMERA_AWS_SSH_CIDR")
-        from botocore.exceptions import ClientError
-
-        name = resource_name(spec.run_id)
-        params: dict[str, Any] = {
-            "GroupName": name,
-            "Description": f"ephemera run {spec.run_id}: SSH from {cidr} only",
-            "TagSpecifications": [{"ResourceType": "security-group",
-                                   "Tags": to_tags(self._labels(spec, opts), name)}],
+                "AssociatePublicIpAddress": not self.settings.aws_use_private_ip,
+                "DeleteOnTermination": True}],
         }
-        if vpc_id:
-            params["VpcId"] = vpc_id
-        try:
-            group_id = self._call_raw("ec2", region, "create_security_group", **params)["GroupId"]
-        except ClientError as exc:
-            if error_code(exc) != "InvalidGroup.Duplicate":
-                raise to_ephemera_error(exc, "CreateSecurityGroup", region) from exc
-            filters = [{"Name": "group-name", "Values": [name]}]
-            if vpc_id:
-                filters.append({"Name": "vpc-id", "Values": [vpc_id]})
-            group_id = self._call("ec2", region, "describe_security_groups",
-                                  Filters=filters)["SecurityGroups"][0]["GroupId"]
-        created["security_group_id"] = group_id
-        try:
-            self._call_raw("ec2", region, "authorize_security_group_ingress", GroupId=group_id,
-                           IpPermissions=[{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                                           "IpRanges": [{"CidrIp": cidr, "Description": "ephemera SSH"}]}])
-        except ClientError as exc:
-            if error_code(exc) != "InvalidPermission.Duplicate":
-                raise to_ephemera_error(exc, "AuthorizeSecurityGroupIngress", region) from exc
-        return group_id
-
-    def _delete_created(self, region: str, created: Mapping[str, str]) -> None:
-        """Remove the group and key made for an attempt that did not launch anything."""
-        if created.get("security_group_id"):
-            self._delete_group(region, created["security_group_id"])
-        if created.get("key_name"):
-            self._delete_key(region, created["key_name"])
+        if market == "spot":
+            spot_options: dict[str, Any] = {"SpotInstanceType": "one-time",
+                                            "InstanceInterruptionBehavior": "terminate"}
+            cap = opts.get("max_price_per_hour")
+            if cap is not None:
+                spot_options["MaxPrice"] = f"{float(cap):.4f}"  # AWS never bills spot above it
+            params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot_options}
+        return params
 
     # -------------------------------------------------------------------- poll
 
+    def _region_of(self, instance: Instance) -> str:
+        return instance.region or instance.data.get("region") or self.default_region()
+
     def poll(self, instance: Instance) -> Instance:
-        region = instance.region or instance.data.get("region") or self.default_region()
+        region = self._region_of(instance)
         if instance.data.get("kind"):
             return self._poll_orphan(instance, region)
         raw = self._describe_one(region, instance.id)
@@ -564,11 +575,22 @@ class AWSProvider:
         reason = (raw.get("StateReason") or {}).get("Message", "")
         if state == "terminated":
             return self._after_termination(instance, reason or "terminated")
+        if instance.id in self._terminate_sent and state in ("pending", "running", "stopping", "stopped"):
+            return self._terminate_again(instance, region, state)
         mapped = _STATE_MAP.get(state, InstanceState.PENDING)
         if mapped is not InstanceState.RUNNING:
-            return instance.evolve(state=mapped, message=reason or state)
+            message = reason or state
+            if mapped is InstanceState.PENDING and instance.data.get("notes"):
+                message = f"{message}; {instance.data['notes']}"
+            return instance.evolve(state=mapped, message=message)
         endpoint = self._endpoint(raw, instance)
         if endpoint is None:
+            if self._needs_public_address():
+                return instance.evolve(state=InstanceState.FAILED, message=(
+                    f"instance {instance.id} is running without a public IPv4 address (subnet "
+                    f"{raw.get('SubnetId') or '?'}), so SSH cannot reach it; a public address "
+                    "was asked for, so the subnet or an account policy refused it. Use a public "
+                    "subnet, or aws_use_private_ip with aws_bastion."))
             return instance.evolve(state=InstanceState.RUNNING, message="running, no address yet")
         if not endpoint.proxy_jump and not _ssh_answers(endpoint.host, endpoint.port):
             return instance.evolve(state=InstanceState.RUNNING,
@@ -576,6 +598,10 @@ class AWSProvider:
         workroot = getattr(self.settings, "ssh_workroot", "/tmp/ephemera")
         return instance.evolve(state=InstanceState.READY, endpoint=endpoint,
                                workdir=f"{workroot}/{instance.run_id}", message="ready")
+
+    def _needs_public_address(self) -> bool:
+        return not (self.settings.aws_ssh_host_override or self.settings.aws_use_private_ip
+                    or self.settings.aws_bastion)
 
     def _poll_orphan(self, item: Instance, region: str) -> Instance:
         """A left-over group or key pair (from ``find``): TERMINATED once it is deleted."""
@@ -617,10 +643,13 @@ class AWSProvider:
     # --------------------------------------------------------------- terminate
 
     def terminate(self, instance: Instance) -> None:
-        """Ask for termination and return (no waiting). Already gone is a success. The
-        group and key pair are deleted at once when the instance is already
-        terminated, else by ``terminate_confirmed``."""
-        region = instance.region or instance.data.get("region") or self.default_region()
+        """Ask for termination and return (no waiting). Already gone is a success. An
+        instance AWS does not know yet (right after RunInstances) is not taken as gone:
+        ``poll`` sends TerminateInstances again while it shows up alive, and only says
+        TERMINATED once AWS shows it terminated (or still does not know it after the
+        grace period). The group and key pair are deleted at once when the instance is
+        already terminated, else by ``terminate_confirmed``."""
+        region = self._region_of(instance)
         kind = instance.data.get("kind")
         if kind == "security-group":
             self._delete_group(region, instance.id)
@@ -628,24 +657,38 @@ class AWSProvider:
         if kind == "key-pair":
             self._delete_key(region, instance.id)
             return
+        self._send_terminate(instance, region)
+        self.terminate_confirmed(instance)
+
+    def _send_terminate(self, instance: Instance, region: str) -> None:
         from botocore.exceptions import ClientError
 
+        self._terminate_sent[instance.id] = self._terminate_sent.get(instance.id, 0) + 1
         try:
             self._call_raw("ec2", region, "terminate_instances", InstanceIds=[instance.id])
         except ClientError as exc:
             if classify(exc) is not Kind.NOT_FOUND:
                 raise to_ephemera_error(exc, "TerminateInstances", region) from exc
-        self.terminate_confirmed(instance)
+
+    def _terminate_again(self, instance: Instance, region: str, state: str) -> Instance:
+        sent = self._terminate_sent.get(instance.id, 0)
+        if sent > MAX_TERMINATE_RESENDS:
+            return instance.evolve(state=InstanceState.TERMINATING, message=(
+                f"still {state} after {sent} TerminateInstances calls"))
+        self._send_terminate(instance, region)
+        return instance.evolve(state=InstanceState.TERMINATING,
+                               message=f"{state}; TerminateInstances sent again ({sent + 1})")
 
     def terminate_confirmed(self, instance: Instance) -> bool:
-        """True once the instance is ``terminated`` (or unknown to AWS) and the group and
-        key pair made for it are gone. One look, no waiting: call it again until True."""
-        return self.poll(instance.evolve(launched_at=None)).state is InstanceState.TERMINATED
+        """True once the instance is ``terminated`` (or unknown to AWS past the grace
+        period after launch) and the group and key pair made for it are gone. One look,
+        no waiting: call it again until True."""
+        return self.poll(instance).state is InstanceState.TERMINATED
 
     def cleanup(self, instance: Instance) -> bool:
         """Delete the run's security group and key pair; False while the group is still
         held by the instance's network interface (try again later)."""
-        region = instance.region or instance.data.get("region") or self.default_region()
+        region = self._region_of(instance)
         done = True
         if instance.data.get("group_owned") and instance.data.get("security_group_id"):
             done = self._delete_group(region, instance.data["security_group_id"])
@@ -659,63 +702,97 @@ class AWSProvider:
         return instance.evolve(state=InstanceState.TERMINATING,
                                message=f"{reason}; security group still in use, retrying")
 
-    def _delete_group(self, region: str, group_id: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self._call_raw("ec2", region, "delete_security_group", GroupId=group_id)
-        except ClientError as exc:
-            code = error_code(exc)
-            if code == "DependencyViolation":
-                return False
-            if classify(exc) is not Kind.NOT_FOUND:
-                raise to_ephemera_error(exc, "DeleteSecurityGroup", region) from exc
-        return True
-
-    def _delete_key(self, region: str, key_name: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self._call_raw("ec2", region, "delete_key_pair", KeyName=key_name)
-        except ClientError as exc:
-            if classify(exc) is not Kind.NOT_FOUND:
-                raise to_ephemera_error(exc, "DeleteKeyPair", region) from exc
-        return True
-
     # --------------------------------------------------------------- find/reap
 
     def find_regions(self) -> list[str]:
+        """The regions of the settings (or the default one)."""
         return list(dict.fromkeys(self.settings.aws_regions or [self.default_region()]))
+
+    def run_regions(self, run_id: str) -> list[str]:
+        """Where a run's resources may be: the settings' regions and every region its
+        launches recorded."""
+        return list(dict.fromkeys(self.find_regions() + self._recorded(run_id)))
+
+    def reap_regions(self, failures: list[str]) -> list[str]:
+        """Every region the account has enabled (or the configured list), plus every region
+        a recorded run tried. A failure to list the enabled regions goes to ``failures``."""
+        regions = list(self.settings.aws_regions)
+        if not regions:
+            region = self.default_region()
+            try:
+                reply = self._call("ec2", region, "describe_regions", Filters=[
+                    {"Name": "opt-in-status", "Values": ["opt-in-not-required", "opted-in"]}])
+                regions = sorted(r["RegionName"] for r in reply.get("Regions", []))
+            except EphemeraError as exc:
+                failures.append(f"listing the enabled regions from {region}: {exc}")
+            regions = regions or [region]
+        state_dir = getattr(self.settings, "state_dir", None)
+        recorded = aws_regions.all_recorded_regions(state_dir) if state_dir is not None else []
+        return list(dict.fromkeys(regions + recorded))
 
     def find(self, labels: Mapping[str, str], regions: Iterable[str] | None = None) -> list[Instance]:
         """Live instances carrying all ``labels``, plus security groups and key pairs
         tagged by ephemera that no live instance uses any more (state FAILED, with
-        ``data["kind"]`` saying which), across the configured regions. The reaper and
-        teardown treat those like instances: ``terminate`` deletes them and ``poll``
-        says TERMINATED once they are gone. Only resources carrying the
-        ``ephemera:run-id`` tag are ever returned."""
-        filters = [{"Name": "tag-key", "Values": [tag_key(LABEL_RUN_ID)]}]
-        filters += [{"Name": f"tag:{tag_key(k)}", "Values": [str(v)]} for k, v in labels.items()]
+        ``data["kind"]`` saying which). The reaper and teardown treat those like
+        instances: ``terminate`` deletes them and ``poll`` says TERMINATED once they are
+        gone. Only resources carrying the ``ephemera:run-id`` tag are ever returned.
+
+        Where: ``regions`` when given; for a run id, the settings' regions and every
+        region the run's launches recorded; otherwise (the reaper) every enabled region.
+        A region that cannot be searched does not stop the others, but the search then
+        raises :class:`IncompleteSearchError` (with what was found) instead of returning
+        a list that would look complete. A complete search without a run id also prunes
+        the region records of runs that expired and left nothing."""
+        failures: list[str] = []
+        run_id = labels.get(LABEL_RUN_ID)
+        if regions is not None:
+            where = list(regions)
+        elif run_id:
+            where = self.run_regions(str(run_id))
+        else:
+            where = self.reap_regions(failures)
         found: list[Instance] = []
-        for region in list(regions or self.find_regions()):
-            for raw in self._describe(region, filters + [
-                    {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]):
-                found.append(self._instance_from(raw, region, data=_data_from_instance(raw, region)))
-            groups = self._call("ec2", region, "describe_security_groups",
-                                Filters=filters)["SecurityGroups"]
-            for group in groups:
-                if not self._describe(region, [
-                        {"Name": "instance.group-id", "Values": [group["GroupId"]]},
-                        {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]):
-                    found.append(_orphan("security-group", group["GroupId"], region,
-                                         from_tags(group.get("Tags"))))
-            for key in self._call("ec2", region, "describe_key_pairs", Filters=filters)["KeyPairs"]:
-                if not self._describe(region, [
-                        {"Name": "key-name", "Values": [key["KeyName"]]},
-                        {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]):
-                    found.append(_orphan("key-pair", key["KeyName"], region,
-                                         from_tags(key.get("Tags"))))
+        for region in where:
+            try:
+                found += self._find_in(region, labels)
+            except Exception as exc:  # noqa: BLE001 - go on with the other regions
+                if classify_code(exc) is Kind.REGION_DISABLED:
+                    continue  # nothing can be in a region the account has not enabled
+                failures.append(f"{region}: {type(exc).__name__}: {exc}")
+        if failures:
+            raise IncompleteSearchError(found, failures)
+        if not run_id and regions is None:
+            self._prune_records(found)
         return found
+
+    def _find_in(self, region: str, labels: Mapping[str, str]) -> list[Instance]:
+        ours = [{"Name": "tag-key", "Values": [tag_key(LABEL_RUN_ID)]}]
+        wanted = [{"Name": f"tag:{tag_key(k)}", "Values": [str(v)]} for k, v in labels.items()]
+        live = self._describe(region, ours + [
+            {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+        used_groups = {g["GroupId"] for raw in live for g in attached_groups(raw)}
+        used_keys = {raw.get("KeyName") for raw in live}
+        found = [self._instance_from(raw, region, data=data_from_instance(raw, region))
+                 for raw in live if matches(from_tags(raw.get("Tags")), labels)]
+        for group in self._call("ec2", region, "describe_security_groups",
+                                Filters=ours + wanted)["SecurityGroups"]:
+            if group["GroupId"] not in used_groups:
+                found.append(orphan("security-group", group["GroupId"], region,
+                                    from_tags(group.get("Tags"))))
+        for key in self._call("ec2", region, "describe_key_pairs", Filters=ours + wanted)["KeyPairs"]:
+            if key["KeyName"] not in used_keys:
+                found.append(orphan("key-pair", key["KeyName"], region, from_tags(key.get("Tags"))))
+        return found
+
+    def _prune_records(self, found: list[Instance]) -> None:
+        state_dir = getattr(self.settings, "state_dir", None)
+        if state_dir is None:
+            return
+        try:
+            aws_regions.prune(state_dir, now=datetime.now(UTC) - RECORD_KEEP,
+                              keep_run_ids={i.run_id for i in found})
+        except OSError:
+            pass  # the records stay; the next complete reap tries again
 
     # ----------------------------------------------------------------- connect
 
@@ -781,51 +858,23 @@ class AWSProvider:
         )
 
 
-class _Options:
-    """The job's AWS options: ``options["aws"]`` first, then top-level keys."""
-
-    def __init__(self, options: Mapping[str, Any]) -> None:
-        nested = options.get("aws") if isinstance(options.get("aws"), Mapping) else {}
-        self._nested = dict(nested or {})
-        self._top = {k: v for k, v in options.items() if k != "aws"}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        for source in (self._nested, self._top):
-            if source.get(key) not in (None, "", [], {}):
-                return source[key]
-        return default
+def root_volume_gib(disk_gib: int | None, image_gib: int) -> int:
+    """The root volume's size: the launch spec's ``disk_gib`` is the whole disk (the
+    controller sizes it for the image and the weights), never below the AMI's own
+    snapshot; without it, the snapshot plus room for the image and the weights."""
+    if disk_gib:
+        return max(int(disk_gib), image_gib)
+    return image_gib + DEFAULT_DATA_GIB
 
 
-def _data_from_instance(raw: Mapping[str, Any], region: str) -> dict[str, str]:
-    """What terminate needs, rebuilt from AWS's own description (reaper, re-launch)."""
-    labels = from_tags(raw.get("Tags"))
-    name = resource_name(labels.get(LABEL_RUN_ID, ""))
-    attached = list(raw.get("SecurityGroups", []))
-    for interface in raw.get("NetworkInterfaces", []):
-        attached += interface.get("Groups", [])
-    groups = [g["GroupId"] for g in attached if g.get("GroupName") == name]
-    return {
-        "region": region,
-        "key_name": raw.get("KeyName", ""),
-        "key_owned": "1" if raw.get("KeyName") == name else "",
-        "security_group_id": groups[0] if groups else "",
-        "group_owned": "1" if groups else "",
-        "market": "spot" if raw.get("InstanceLifecycle") == "spot" else "on-demand",
-        "ssh_user": "ubuntu",
-    }
+def _wants_spot(spec: LaunchSpec, opts: Options) -> bool:
+    return bool(spec.offer.spot or opts.get("spot"))
 
 
-def _orphan(kind: str, ident: str, region: str, labels: Mapping[str, str]) -> Instance:
-    return Instance(provider="aws", id=ident, run_id=labels.get(LABEL_RUN_ID, ""),
-                    state=InstanceState.FAILED, labels=dict(labels), region=region,
-                    message=f"orphaned {kind} (no live instance uses it)",
-                    data={"kind": kind, "region": region})
-
-
-def _is_boto_error(exc: BaseException) -> bool:
-    from botocore.exceptions import BotoCoreError
-
-    return isinstance(exc, BotoCoreError)
+def classify_code(exc: BaseException) -> Kind | None:
+    """The Kind of the AWS error code an error carries (None without one)."""
+    code = aws_code(exc)
+    return kind_of_code(code) if code else None
 
 
 def _ssh_answers(host: str, port: int) -> bool:
@@ -836,4 +885,3 @@ def _ssh_answers(host: str, port: int) -> bool:
             return sock.recv(4).startswith(b"SSH-")
     except OSError:
         return False
-

@@ -73,6 +73,24 @@ def spot_prices(provider: Any, instance_types: list[str], region: str) -> dict[s
             return out
 
 
+def spot_price_now(provider: Any, instance_type: str, region: str, zone: str) -> float | None:
+    """The latest spot price of a type in one zone (the lowest across the region's zones
+    when the zone is unknown); None when AWS gives none or the call is refused."""
+    params: dict[str, Any] = {"InstanceTypes": [instance_type],
+                              "ProductDescriptions": ["Linux/UNIX"],
+                              "StartTime": datetime.now(UTC), "MaxResults": 100}
+    if zone:
+        params["AvailabilityZone"] = zone
+    try:
+        reply = provider._call("ec2", region, "describe_spot_price_history", **params)
+    except Exception:  # noqa: BLE001 - the price is a report detail, never a reason to fail
+        return None
+    prices = [float(item["SpotPrice"]) for item in reply.get("SpotPriceHistory", [])
+              if item.get("InstanceType") == instance_type
+              and (not zone or item.get("AvailabilityZone") == zone)]
+    return min(prices) if prices else None
+
+
 def refresh(regions: Iterable[str], provider: Any = None) -> list[Offer]:
     """Offers with today's prices in each region (on-demand and spot)."""
     from ephemera.catalog import builtin_aws_catalog

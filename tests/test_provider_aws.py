@@ -16,7 +16,7 @@ import pytest
 
 from ephemera.errors import AuthError, ConfigError, NoCapacityError, QuotaError
 from ephemera.provider import Instance, InstanceState, make_labels
-from tests.fixtures.moto_server import DLAMI_PARAMETER, TEST_CIDR
+from tests.fixtures.moto_server import DLAMI_PARAMETER, TEST_CIDR, inject
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,28 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def aws(contract_aws):
     return contract_aws
-
-
-def inject(provider, region, operation, decide):
-    """Answer ``operation`` in ``region`` with an error whenever ``decide(call_no, body)``
-    returns an error code (or (code, http status)); otherwise moto answers."""
-    from botocore.awsrequest import AWSResponse
-
-    calls = []
-
-    def handler(params, **_):
-        calls.append(params.get("body") or {})
-        verdict = decide(len(calls), calls[-1])
-        if not verdict:
-            return None
-        code, status = verdict if isinstance(verdict, tuple) else (verdict, 400)
-        parsed = {"Error": {"Code": code, "Message": f"injected {code}"},
-                  "ResponseMetadata": {"HTTPStatusCode": status}}
-        return AWSResponse("https://ec2.amazonaws.com/", status, {}, None), parsed
-
-    provider.client("ec2", region).meta.events.register(
-        f"before-call.ec2.{operation}", handler)
-    return calls
 
 
 def ec2(region="us-east-1"):
@@ -87,8 +65,8 @@ def test_launch_request_carries_everything(aws, aws_env):
     key = ec2().describe_key_pairs(KeyNames=["ephemera-run-req"])["KeyPairs"][0]
     assert {t["Key"]: t["Value"] for t in key["Tags"]}["ephemera:run-id"] == "run-req"
     assert key["KeyType"] == "ed25519"
-    # Security group: SSH from the configured CIDR, nothing else.
-    group_ids = [g["GroupId"] for g in raw["SecurityGroups"]]
+    # Security group: SSH from the configured CIDR, nothing else (on the network interface).
+    group_ids = [g["GroupId"] for n in raw["NetworkInterfaces"] for g in n["Groups"]]
     assert len(group_ids) == 1
     group = ec2().describe_security_groups(GroupIds=group_ids)["SecurityGroups"][0]
     assert group["GroupName"] == "ephemera-run-req"
@@ -104,13 +82,12 @@ def test_launch_request_carries_everything(aws, aws_env):
     assert f"EXPIRES_AT={int(spec.expires_at.timestamp())}" in script
     assert "shutdown -h" in script and "halt" not in script.replace("# ", "")
     assert "systemctl enable --now docker" in script
-    # IMDSv2 required, gp3 root volume sized for image + data, not spot.
+    # IMDSv2 required, gp3 root volume of the spec's whole size, not spot.
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
     volume_id = raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     volume = ec2().describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
     assert volume["VolumeType"] == "gp3"
-    image = ec2().describe_images(ImageIds=[raw["ImageId"]])["Images"][0]
-    assert volume["Size"] == image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] + 40
+    assert volume["Size"] == spec.disk_gib == 40
     assert raw.get("InstanceLifecycle") != "spot"
     # Launch is idempotent on the run id.
     assert aws.provider.launch(spec).id == inst.id
@@ -137,7 +114,7 @@ def test_capacity_fails_over_to_next_zone(aws):
     calls = inject(aws.provider, "us-east-1", "RunInstances",
                    lambda n, body: "InsufficientInstanceCapacity" if n <= 2 else None)
     inst = aws.provider.launch(aws.make_spec("run-az"))
-    subnets = [c["SubnetId"] for c in calls]
+    subnets = [c["NetworkInterface.1.SubnetId"] for c in calls]
     assert len(calls) == 3 and len(set(subnets)) == 3
     assert describe(inst.id)["SubnetId"] == subnets[2]
 
@@ -227,10 +204,12 @@ def test_auth_failure_aborts_at_once(aws):
 
 def test_invalid_parameter_aborts_at_once(aws):
     calls = inject(aws.provider, "us-east-1", "RunInstances",
-                   lambda n, body: "InvalidParameterCombination")
-    with pytest.raises(ConfigError, match="InvalidParameterCombination"):
-        aws.provider.launch(aws.make_spec("run-invalid"))
+                   lambda n, body: "InvalidParameterValue")
+    with pytest.raises(ConfigError, match="InvalidParameterValue"):
+        aws.provider.launch(aws.make_spec("run-invalid", options={
+            "regions": ["us-east-1", "us-west-2"]}))
     assert len(calls) == 1
+    assert ephemera_leftovers("us-east-1") == [] and ephemera_leftovers("us-west-2") == []
 
 
 def test_bad_cidr_names_the_field(aws, monkeypatch):
