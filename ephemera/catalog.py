@@ -2,9 +2,12 @@
 
 A catalog is a CSV with the header
 ``provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour``
-(an optional ``spot`` column marks spot prices; lines starting with ``#`` are
+(an optional ``spot`` column marks spot prices, an optional ``compute_capability``
+column gives the GPU's CUDA compute capability; lines starting with ``#`` are
 comments). ``gpu_memory_gib`` is the usable memory of ONE GPU as the driver reports
-it; an empty ``gpu`` with ``gpu_count`` 0 is a CPU-only machine. Planning reads
+it (:func:`usable_gib` turns a nominal figure into it); an empty ``gpu`` with
+``gpu_count`` 0 is a CPU-only machine. A GPU row without a compute capability takes
+the one of its GPU model when :data:`GPU_CAPABILITY` knows it. Planning reads
 catalogs only, so it needs no cloud SDK and no credentials.
 
 ``ephemera catalog refresh aws`` stores live prices with :func:`save_cached_offers`;
@@ -17,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import resources
@@ -28,10 +32,48 @@ from ephemera.provider import Offer, OfferRequest
 
 COLUMNS = ("provider", "instance_type", "region", "gpu", "gpu_count", "gpu_memory_gib",
            "vcpus", "memory_gib", "price_per_hour")
-OPTIONAL_COLUMNS = ("spot",)
+OPTIONAL_COLUMNS = ("spot", "compute_capability")
 BUILTIN_AWS_FILE = "aws-gpu-catalog.csv"
 BUILTIN_AWS_DATE = "2026-11"
 BUILTIN_AWS_SOURCE = f"built-in catalog {BUILTIN_AWS_DATE}"
+
+# Usable memory of a GPU whose usable figure was not read off a real vLLM log: the
+# nominal MiB (what nvidia-smi reports as memory.total) / 1024 x this ratio, the
+# lowest usable/nominal ratio measured (A10G), rounded down, so plans stay on the safe
+# side. A T4 (15360 MiB) comes to 14.80 GiB.
+USABLE_RATIO = 0.987
+
+# CUDA compute capability per GPU model (NVIDIA's list of CUDA GPUs), for offers whose
+# source does not give one. Keys are matched against the words of a GPU's name, so
+# "Tesla T4", "NVIDIA A100-SXM4-80GB" and "V100-32GB" all resolve.
+GPU_CAPABILITY: dict[str, float] = {
+    "K80": 3.7, "M60": 5.2, "P100": 6.0, "V100": 7.0, "T4": 7.5, "A100": 8.0, "A10G": 8.6,
+    "A10": 8.6, "A40": 8.6, "A6000": 8.6, "L4": 8.9, "L40": 8.9, "L40S": 8.9, "H100": 9.0,
+    "H200": 9.0, "B200": 10.0,
+}
+MAX_COMPUTE_CAPABILITY = 20.0   # above any GPU's (Blackwell is 10.0 and 12.0): "86" is a typo
+_NAME_WORDS = re.compile(r"[\s_\-/]+")
+
+
+def usable_gib(nominal_mib: float) -> float:
+    """Usable GiB of one GPU from its nominal MiB (see USABLE_RATIO)."""
+    hundredths = round(nominal_mib / 1024 * USABLE_RATIO * 100, 6)  # 7896.0, not 7895.999
+    return math.floor(hundredths) / 100
+
+
+def gpu_capability(name: str | None) -> float | None:
+    """The compute capability of a GPU model named ``name``, or None when unknown."""
+    for word in _NAME_WORDS.split((name or "").upper()):
+        if word in GPU_CAPABILITY:
+            return GPU_CAPABILITY[word]
+    return None
+
+
+def offer_capability(offer: Offer) -> float | None:
+    """The offer's own compute capability, else the one of its GPU model."""
+    if offer.cpu_only:
+        return None
+    return offer.compute_capability or gpu_capability(offer.gpu)
 
 
 def _number(raw: str, column: str, where: str, *, whole: bool = False, minimum: float = 0) -> Any:
@@ -55,6 +97,18 @@ def _bool(raw: str, where: str) -> bool:
     raise ConfigError(f"{where}: spot '{raw}' is not true or false.")
 
 
+def _capability(raw: str, gpu: str | None, where: str) -> float | None:
+    if not raw:
+        return gpu_capability(gpu)
+    if not gpu:
+        raise ConfigError(f"{where}: compute_capability '{raw}' is set on a CPU-only row.")
+    value = _number(raw, "compute_capability", where, minimum=1)
+    if value >= MAX_COMPUTE_CAPABILITY:
+        raise ConfigError(f"{where}: compute_capability '{raw}' is not a CUDA compute "
+                          "capability such as 7.5 or 8.9.")
+    return value
+
+
 def parse_catalog(text: str, name: str, *, price_source: str | None = None) -> list[Offer]:
     """Parse catalog CSV text; errors name the file, the line and the column."""
     lines = text.splitlines()
@@ -73,7 +127,8 @@ def parse_catalog(text: str, name: str, *, price_source: str | None = None) -> l
         if unknown:
             parts.append(f"unknown column(s) {', '.join(unknown)}")
         raise ConfigError(f"{name} line {header_no}: {'; '.join(parts)}.",
-                          hint=f"The header is: {','.join(COLUMNS)} (optionally ,spot).")
+                          hint=f"The header is: {','.join(COLUMNS)} (optionally ,spot "
+                               "and ,compute_capability).")
     source = price_source or f"catalog file {name}"
     offers: list[Offer] = []
     for number, line in rows[1:]:
@@ -101,7 +156,8 @@ def parse_catalog(text: str, name: str, *, price_source: str | None = None) -> l
             vcpus=_number(row["vcpus"], "vcpus", where, whole=True),
             memory_gib=_number(row["memory_gib"], "memory_gib", where),
             price_per_hour=_number(row["price_per_hour"], "price_per_hour", where),
-            spot=_bool(row.get("spot", ""), where), price_source=source))
+            spot=_bool(row.get("spot", ""), where), price_source=source,
+            compute_capability=_capability(row.get("compute_capability", ""), gpu, where)))
     return offers
 
 

@@ -320,7 +320,7 @@ class Run:
         return LaunchSpec(
             run_id=self.run_id, job_name=self.job.name, offer=offer, image=image, labels=labels,
             expires_at=expires_at, ssh_public_key=public_key, ssh_private_key_path=private_key,
-            disk_gib=self.job.resources.disk_gib, gpu_count=max(tp, offer.gpu_count) if offer.gpu_count else 0,
+            disk_gib=self.plan.disk_gib, gpu_count=max(tp, offer.gpu_count) if offer.gpu_count else 0,
             ports=(self.job.server.port or 8000,), env={}, options=options,
         )
 

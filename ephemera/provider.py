@@ -75,6 +75,8 @@ class Offer:
 
     ``gpu_memory_gib`` is the memory of ONE GPU as the driver reports it (usable,
     below the nominal figure). A CPU-only offer has ``gpu_count == 0`` and no GPU.
+    ``compute_capability`` is the GPU's CUDA compute capability (7.5 for a T4, 8.9 for
+    an L4), None when the source does not say; the planner then goes by the GPU's name.
     """
 
     provider: str
@@ -88,6 +90,7 @@ class Offer:
     price_per_hour: float
     spot: bool = False
     price_source: str = ""  # e.g. "built-in catalog 2026-11-01", "live", "catalog file x.csv"
+    compute_capability: float | None = None
 
     @property
     def cpu_only(self) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -89,27 +88,12 @@ def docker_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def nvidia_gpus() -> list[tuple[str, float]]:
-    """(name, memory GiB) per GPU on this host, from nvidia-smi; [] without it."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
-                              "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if out.returncode != 0:
-        return []
-    gpus = []
-    for line in out.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2:
-            try:
-                gpus.append((parts[0], float(parts[1]) / 1024))
-            except ValueError:
-                continue
-    return gpus
+def nvidia_gpus() -> list[tuple[str, float, float | None]]:
+    """(name, memory GiB, compute capability) per GPU on this host, from nvidia-smi; []
+    without it."""
+    from ephemera_providers.local import parse_nvidia_smi, query_nvidia_smi
+
+    return parse_nvidia_smi(query_nvidia_smi(timeout=20))
 
 
 def _free_local_port() -> int:
@@ -163,11 +147,12 @@ class DockerProvider:
             return [Offer(provider=self.name, instance_type="docker-cpu", region=None, gpu=None,
                           gpu_count=0, gpu_memory_gib=0.0, vcpus=vcpus, memory_gib=memory,
                           price_per_hour=0.0, price_source="local engine")]
-        name, per_gpu = gpus[0][0], min(mem for _, mem in gpus)
+        name, per_gpu = gpus[0][0], min(g[1] for g in gpus)
+        caps = [g[2] for g in gpus if g[2] is not None]
         offers = [Offer(provider=self.name, instance_type=f"docker-{count}x{name.replace(' ', '-')}",
                         region=None, gpu=name, gpu_count=count, gpu_memory_gib=round(per_gpu, 1),
                         vcpus=vcpus, memory_gib=memory, price_per_hour=0.0,
-                        price_source="local engine")
+                        price_source="local engine", compute_capability=min(caps) if caps else None)
                   for count in range(1, len(gpus) + 1)]
         if request.gpu:
             offers = [o for o in offers if request.gpu.lower() in (o.gpu or "").lower()]

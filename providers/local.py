@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import queue
 import shutil
@@ -35,6 +36,7 @@ from ephemera_providers._deadman import (
     unprefixed,
 )
 
+from ephemera.catalog import MAX_COMPUTE_CAPABILITY
 from ephemera.errors import InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
 from ephemera.remote import CommandResult, LineSink, ShellRemote
@@ -199,21 +201,70 @@ def _meminfo_gib() -> float:
     return 0.0
 
 
-def nvidia_offers(provider: str, instance_type: str, text: str, vcpus: int,
-                  memory_gib: float) -> list[Offer]:
-    """Offers from ``nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits``
-    output: one offer for all GPUs of the first model (a machine is taken whole)."""
+# nvidia-smi's GPU list: name, total MiB and compute capability, one GPU a line. Drivers
+# older than the compute_cap field refuse the whole query: ask again without it.
+NVIDIA_SMI_FIELDS = "name,memory.total,compute_cap"
+NVIDIA_SMI_FIELDS_OLD = "name,memory.total"
+NVIDIA_SMI_SHELL = (
+    f"nvidia-smi --query-gpu={NVIDIA_SMI_FIELDS} --format=csv,noheader,nounits 2>/dev/null || "
+    f"nvidia-smi --query-gpu={NVIDIA_SMI_FIELDS_OLD} --format=csv,noheader,nounits 2>/dev/null || true")
+
+
+def query_nvidia_smi(timeout: float = 30) -> str:
+    """This machine's ``nvidia-smi`` GPU list (see NVIDIA_SMI_FIELDS); '' without one."""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    for fields in (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}",
+                                  "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if out.returncode == 0:
+            return out.stdout
+    return ""
+
+
+def _finite(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_nvidia_smi(text: str) -> list[tuple[str, float, float | None]]:
+    """(name, total GiB, compute capability or None) per GPU line of nvidia-smi's CSV.
+    Lines that do not describe a GPU (no name, no positive memory: "[N/A]", a MIG
+    instance, a warning) are skipped."""
     gpus = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) >= 2 and parts[1].replace(".", "", 1).isdigit():
-            gpus.append((parts[0], float(parts[1]) / 1024))
+        mib = _finite(parts[1]) if len(parts) >= 2 else None
+        if not parts[0] or mib is None or mib < 10.24:  # under 0.01 GiB: not a GPU's memory
+            continue
+        cap = _finite(parts[2]) if len(parts) >= 3 else None
+        usable = cap is not None and 1 <= cap < MAX_COMPUTE_CAPABILITY
+        gpus.append((parts[0], mib / 1024, cap if usable else None))
+    return gpus
+
+
+def nvidia_offers(provider: str, instance_type: str, text: str, vcpus: int,
+                  memory_gib: float) -> list[Offer]:
+    """Offers from ``nvidia-smi --query-gpu=name,memory.total[,compute_cap]
+    --format=csv,noheader,nounits`` output: one offer for all GPUs of the first model
+    (a machine is taken whole), with the smallest memory and capability among them."""
+    gpus = parse_nvidia_smi(text)
     if not gpus:
         return []
-    name, mem = gpus[0]
+    name = gpus[0][0]
+    same = [g for g in gpus if g[0] == name]
+    caps = [g[2] for g in same if g[2] is not None]
     return [Offer(provider=provider, instance_type=instance_type, region=None, gpu=name,
-                  gpu_count=len(gpus), gpu_memory_gib=round(mem, 2), vcpus=vcpus,
-                  memory_gib=memory_gib, price_per_hour=0.0, price_source="nvidia-smi")]
+                  gpu_count=len(same), gpu_memory_gib=round(min(g[1] for g in same), 2),
+                  vcpus=vcpus, memory_gib=memory_gib, price_per_hour=0.0,
+                  price_source="nvidia-smi", compute_capability=min(caps) if caps else None)]
 
 
 class LocalProvider:
@@ -235,16 +286,9 @@ class LocalProvider:
 
     def offers(self, request: OfferRequest) -> list[Offer]:
         vcpus, mem = os.cpu_count() or 1, _meminfo_gib()
-        if shutil.which("nvidia-smi"):
-            try:
-                out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                    capture_output=True, text=True, timeout=30).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                out = ""
-            found = nvidia_offers(self.name, "local-gpu", out, vcpus, mem)
-            if found:
-                return found
+        found = nvidia_offers(self.name, "local-gpu", query_nvidia_smi(), vcpus, mem)
+        if found:
+            return found
         return [Offer(provider=self.name, instance_type="local-cpu", region=None, gpu=None,
                       gpu_count=0, gpu_memory_gib=0.0, vcpus=vcpus, memory_gib=mem,
                       price_per_hour=0.0, price_source="this machine")]

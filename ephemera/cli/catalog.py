@@ -17,7 +17,8 @@ def command() -> None:
 @click.argument("provider", required=False, default="aws")
 @click.option("--json", "as_json", is_flag=True, help="Print the offers as JSON.")
 def show(provider: str, as_json: bool) -> None:
-    """List the offers planning uses for PROVIDER (the refreshed cache, else built-in)."""
+    """List the offers planning uses for PROVIDER (the refreshed cache, else built-in),
+    with each GPU's compute capability (cc)."""
     from ephemera.provider import OfferRequest
     from ephemera.registry import get_provider
 
@@ -25,12 +26,16 @@ def show(provider: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([asdict(o) for o in offers], indent=1))
         return
-    click.echo(f"{'instance type':<16} {'region':<12} {'GPUs':<14} {'$/h':>9}  source")
+    from ephemera.catalog import offer_capability
+
+    click.echo(f"{'instance type':<16} {'region':<12} {'GPUs':<14} {'cc':>4} {'$/h':>9}  source")
     for o in sorted(offers, key=lambda o: (o.price_per_hour, o.instance_type)):
         gpus = f"{o.gpu_count}x {o.gpu}" if o.gpu_count else "cpu"
+        cap = offer_capability(o)
         market = " spot" if o.spot else ""
         click.echo(f"{o.instance_type:<16} {o.region or '-':<12} {gpus:<14} "
-                   f"{o.price_per_hour:>9.4f}  {o.price_source}{market}")
+                   f"{f'{cap:.1f}' if cap else '-':>4} {o.price_per_hour:>9.4f}  "
+                   f"{o.price_source}{market}")
 
 
 @command.command("refresh")

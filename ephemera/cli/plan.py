@@ -50,9 +50,14 @@ def _print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ephemera.catalog import offer_capability
+
     console = Console()
     o, e = plan.offer, plan.estimate
-    gpus = f"{o.gpu_count} x {o.gpu} ({o.gpu_memory_gib:g} GiB)" if o.gpu else f"CPU only ({o.memory_gib:g} GiB RAM)"
+    cap = offer_capability(o)
+    gpus = (f"{o.gpu_count} x {o.gpu} ({o.gpu_memory_gib:g} GiB"
+            f"{f', compute capability {cap:.1f}' if cap else ''})" if o.gpu
+            else f"CPU only ({o.memory_gib:g} GiB RAM)")
     console.print(f"[bold]{o.provider}/{o.instance_type}[/bold] {o.region or ''}  {gpus}  "
                   f"${o.price_per_hour:.4g}/h ({o.price_source or 'price source unknown'})")
     console.print(f"tensor parallelism {plan.tensor_parallel_size}; per GPU: weights "
@@ -62,6 +67,10 @@ def _print_plan(plan) -> None:
                   f"({plan.max_full_length_requests} full-length requests)", highlight=False)
     console.print(f"expected cost at most ${plan.expected_cost_usd:.2f} for the job's timeout of "
                   f"{plan.timeout_seconds / 60:g} min", highlight=False)
+    console.print(f"disk {plan.disk_gib} GiB for the image and the model "
+                  f"({plan.checkpoint_gib:.1f} GiB of model files)", highlight=False)
+    for note in plan.notes:
+        console.print(f"note: {note}", highlight=False)
     if plan.runners_up:
         table = Table(title="runners-up", title_justify="left")
         for col in ("offer", "GPUs", "TP", "$/h", "spare KV GiB"):
