@@ -222,6 +222,36 @@ class CostReport:
         return cls.from_dict(raw, source=str(path))
 
 
+def billed_terms(offer: Any, instance: Any = None) -> dict[str, Any]:
+    """What a run is billed at: the machine that was launched, as its provider recorded it
+    in ``Instance.data`` (``market``: "spot"/"on-demand", ``region``, ``price_per_hour``,
+    ``price_source``), else the planned offer. The two differ after a spot-to-on-demand
+    fallback, a launch in another region, or a spot price read at launch. Returns the
+    ``instance_type``, ``region``, ``spot``, ``price_per_hour`` and ``price_source``
+    arguments of :func:`compute_cost`."""
+    terms: dict[str, Any] = {
+        "instance_type": offer.instance_type, "region": offer.region, "spot": offer.spot,
+        "price_per_hour": offer.price_per_hour, "price_source": offer.price_source,
+    }
+    data = getattr(instance, "data", None) or {}
+    if data.get("region"):
+        terms["region"] = str(data["region"])
+    market = data.get("market")
+    if market in ("spot", "on-demand"):
+        terms["spot"] = market == "spot"
+    try:
+        price = float(data.get("price_per_hour") or "")
+    except ValueError:
+        price = None
+    if price is not None and math.isfinite(price) and price >= 0:
+        terms["price_per_hour"] = price
+        terms["price_source"] = str(data.get("price_source") or "recorded at launch")
+    elif terms["spot"] != offer.spot or terms["region"] != offer.region:
+        terms["price_source"] = (f"{offer.price_source} (the plan's price; the machine was "
+                                 f"{market or 'launched'} in {terms['region']})")
+    return terms
+
+
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None

@@ -11,7 +11,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
-    from ephemera.cost import PhaseTiming, compute_cost, min_billed_seconds_for, write_cost_files
+    from ephemera.cost import (
+        PhaseTiming,
+        billed_terms,
+        compute_cost,
+        min_billed_seconds_for,
+        write_cost_files,
+    )
     from ephemera.history import RunRecord, record_run
     from ephemera.summary import append_step_summary, junit_in, step_summary_markdown
 
@@ -22,8 +28,7 @@ def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
     plan = run.plan
     report = compute_cost(
         run_id=run.run_id, job=run.job.name, tier=run.loaded.tier, model=run.job.model.id,
-        provider=run.provider_name, instance_type=offer.instance_type, region=offer.region,
-        spot=offer.spot, price_per_hour=offer.price_per_hour, price_source=offer.price_source,
+        provider=run.provider_name, **billed_terms(offer, run.instance),
         launched_at=run.launched_at,
         terminated_at=run.terminated_at if result.teardown_verified is not False else None,
         phases=phases, min_billed_seconds=min_billed_seconds_for(run.provider_name, run.provider),

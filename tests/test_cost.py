@@ -203,3 +203,76 @@ def test_bad_cost_json_names_the_problem(tmp_path, content, field):
     with pytest.raises(ConfigError, match=field) as info:
         CostReport.from_json(path)
     assert str(path) in str(info.value)
+
+
+# ---- what really ran: the launched machine's market, region and price ------------------
+
+def _offer(**changes):
+    from ephemera.provider import Offer
+
+    values = dict(provider="aws", instance_type="g5.xlarge", region="us-east-1", gpu="A10G",
+                  gpu_count=1, gpu_memory_gib=22.06, vcpus=4, memory_gib=16, price_per_hour=0.35,
+                  spot=True, price_source="AWS spot price history 2026-11-20")
+    values.update(changes)
+    return Offer(**values)
+
+
+def _instance(data):
+    from ephemera.provider import Instance, InstanceState
+
+    return Instance(provider="aws", id="i-0abc", run_id="r-1", state=InstanceState.READY,
+                    instance_type="g5.xlarge", region=data.get("region"), data=data)
+
+
+def test_billed_terms_prefer_what_was_launched():
+    from ephemera.cost import billed_terms
+
+    offer = _offer()
+    assert billed_terms(offer, None) == {
+        "instance_type": "g5.xlarge", "region": "us-east-1", "spot": True,
+        "price_per_hour": 0.35, "price_source": "AWS spot price history 2026-11-20"}
+    # Spot had no capacity: on-demand in another region, at that region's price.
+    fallback = _instance({"market": "on-demand", "region": "us-west-2",
+                          "price_per_hour": "1.006", "price_source": "built-in catalog"})
+    assert billed_terms(offer, fallback) == {
+        "instance_type": "g5.xlarge", "region": "us-west-2", "spot": False,
+        "price_per_hour": 1.006, "price_source": "built-in catalog"}
+    # A provider that records no price: the plan's price, saying what differs.
+    unpriced = billed_terms(offer, _instance({"market": "on-demand", "region": "us-east-1"}))
+    assert unpriced["spot"] is False and unpriced["price_per_hour"] == 0.35
+    assert "the plan's price" in unpriced["price_source"]
+    # Providers that record nothing of the kind (local, docker) keep the offer's terms.
+    assert billed_terms(offer, _instance({"pid": "123"})) == billed_terms(offer, None)
+    bad = billed_terms(offer, _instance({"market": "spot", "price_per_hour": "n/a"}))
+    assert bad["price_per_hour"] == 0.35
+
+
+def test_cost_report_bills_the_launched_machine(tmp_path):
+    """The run's report stage prices the instance that ran, not the planned offer."""
+    from types import SimpleNamespace
+
+    from ephemera.controller import RunResult
+    from ephemera.reporting import write_reports
+
+    warnings = []
+    instance = _instance({"market": "on-demand", "region": "us-west-2", "price_per_hour": "3.6",
+                          "price_source": "AWS Price List API 2026-11-20"})
+    run = SimpleNamespace(
+        run_id="r-1", job=SimpleNamespace(name="qwen3-4b", timeout=900,
+                                          model=SimpleNamespace(id="Qwen/Qwen3-4B")),
+        loaded=SimpleNamespace(tier="smoke"), provider_name="aws", provider=None,
+        offer=_offer(), plan=SimpleNamespace(offer=_offer(), expected_cost_usd=0.05),
+        instance=instance, launched_at=at(0), terminated_at=at(100), teardown_result=None,
+        phases=[SimpleNamespace(name="suite", started_at=at(0), ended_at=at(100))],
+        reporter=SimpleNamespace(warn=warnings.append),
+        settings=SimpleNamespace(history_path=tmp_path / "history.sqlite3"),
+        artifacts_dir=tmp_path / "run")
+    result = RunResult(run_id="r-1", status="passed", exit_code=0, job="qwen3-4b", tier="smoke",
+                       provider="aws", teardown_verified=True)
+    out = write_reports(run, result)
+    assert out is not None, warnings
+    raw = json.loads((tmp_path / "run" / "cost.json").read_text())
+    assert raw["spot"] is False and raw["region"] == "us-west-2"
+    assert raw["price_per_hour"] == 3.6 and raw["price_source"] == "AWS Price List API 2026-11-20"
+    assert raw["cost_usd"] == pytest.approx(0.1)  # 100 s at 3.6/h
+    assert "on-demand" in (tmp_path / "run" / "cost.md").read_text()

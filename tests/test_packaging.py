@@ -5,9 +5,12 @@ a fresh venv. The editable install of the dev venv maps the same name onto the r
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -15,6 +18,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUILTIN = ("local", "docker", "ssh", "aws")
+DISTRIBUTION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
+# "ephemera" on the Python package index is an unrelated project.
+TAKEN = "ephemera"
+# Where install lines for users and CI live.
+INSTALL_LINE_FILES = ("README.md", ".github/**/*.yml", ".github/**/*.yaml", ".ci/*", "jobs/**/*.yaml",
+                      "docs/**/*.md", "benchmarks/**/*.py")
+INSTALLER = re.compile(r"\b(?:pip3?|pipx|uv\s+pip|uv\s+tool)\s+install\b(?P<rest>[^;&|`\n]*)")
 
 
 def sh(*cmd: str | Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -37,7 +47,7 @@ def wheel(tmp_path_factory) -> Path:
     for package in ("ephemera", "providers"):
         shutil.copytree(REPO / package, src / package, ignore=ignore)
     sh(sys.executable, "-m", "build", "--wheel", "--outdir", root / "dist", src, timeout=300)
-    [built] = (root / "dist").glob("ephemera-*.whl")
+    [built] = (root / "dist").glob(f"{DISTRIBUTION.replace('-', '_')}-*.whl")
     return built
 
 
@@ -99,3 +109,74 @@ def test_editable_install_uses_the_repo_folder(tmp_path: Path):
     targets = {entry.name: entry.target for entry in list_providers()}
     for name in BUILTIN:
         assert targets[name].startswith(f"ephemera_providers.{name}:"), targets
+
+
+def install_lines() -> list[tuple[str, int, str]]:
+    """(file, line number, text after "install") of every install command in the files
+    users and CI copy install lines from."""
+    found = []
+    for pattern in INSTALL_LINE_FILES:
+        for path in sorted(REPO.glob(pattern)):
+            if not path.is_file():
+                continue
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                for match in INSTALLER.finditer(line):
+                    found.append((str(path.relative_to(REPO)), number, match["rest"]))
+    return found
+
+
+def named_distributions(rest: str) -> list[str]:
+    """The distribution names an install command's arguments ask for (paths, options
+    and their values, and shell variables left out)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        words = shlex.split(rest, comments=True)
+    except ValueError:
+        words = rest.split()
+    names, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+            continue
+        if word.startswith("-"):
+            skip = word in ("-r", "--requirement", "-c", "--constraint", "-i", "--index-url",
+                            "--extra-index-url", "-f", "--find-links", "-t", "--target")
+            continue
+        if word.startswith((".", "/", "$", "~")) or "/" in word:
+            continue
+        try:   # a shell variable in a version ("ephemera[aws]==$V") stands for one
+            names.append(canonicalize_name(Requirement(re.sub(r"\$\{?\w+\}?", "0", word)).name))
+        except InvalidRequirement:
+            continue
+    return names
+
+
+def test_the_distribution_is_not_the_taken_name():
+    from packaging.utils import canonicalize_name
+
+    assert canonicalize_name(DISTRIBUTION) != TAKEN
+    assert canonicalize_name(DISTRIBUTION).startswith(TAKEN + "-")
+
+
+def test_install_lines_name_this_distribution():
+    from packaging.utils import canonicalize_name
+
+    ours = canonicalize_name(DISTRIBUTION)
+    lines = install_lines()
+    wrong = [(f, n, rest) for f, n, rest in lines
+             for name in named_distributions(rest) if name.startswith(TAKEN) and name != ours]
+    assert not wrong, f"install lines that name another distribution than {DISTRIBUTION}: {wrong}"
+    # The lines users copy do name it: the README's and the action's release install.
+    naming = {f for f, _, rest in lines if ours in named_distributions(rest)}
+    assert {"README.md", ".github/actions/ephemera/action.yml"} <= naming, naming
+
+
+def test_install_line_parsing():
+    assert named_distributions(' "ephemera[aws]==$V" ;;') == ["ephemera"]
+    assert named_distributions(" -q 'ephemera-gpu[aws]'") == ["ephemera-gpu"]
+    assert named_distributions(' "$GITHUB_ACTION_PATH/../../..[aws]"') == []
+    assert named_distributions(" -q -e '.[all,test]' 2>&1") == []
+    assert named_distributions(" --quiet pytest requests") == ["pytest", "requests"]
+    assert named_distributions(" -r requirements.txt Ephemera_GPU") == ["ephemera-gpu"]
