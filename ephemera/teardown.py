@@ -6,6 +6,12 @@ The protocol with a provider: call ``terminate`` (idempotent) until ``poll`` say
 TERMINATED, then call ``terminate`` once more so the provider can delete what can
 only go after the instance (security groups, key pairs), then ask ``find`` for the
 run's labels to verify that nothing is left.
+
+Terminating never depends on the disk: the known instance is sent its terminate before
+anything else, and writing the outcome (``record``, usually the run's state file) is
+best effort, after the terminates. A write that fails is reported as a warning; it
+does not make the teardown unverified, since the instance is gone either way (and a
+state file left saying "active" only makes a later ``ephemera down`` check again).
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ class TeardownResult:
     terminated: list[str] = field(default_factory=list)   # instance ids
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # e.g. the outcome could not be saved
+
+    @property
+    def status(self) -> str:
+        """The run's state-file status after this teardown."""
+        return "terminated" if self.verified else "teardown-failed"
 
 
 def _call_with_retries(action: Callable[[], object], *, what: str, deadline: float, log: Log,
@@ -77,16 +89,44 @@ def terminate_and_verify(provider: Provider, instance: Instance, *, deadline: fl
     return True, problems
 
 
+def _terminate_once(provider: Provider, instance: Instance, log: Log) -> None:
+    """One terminate call, before anything else (listing, polling, the disk)."""
+    try:
+        provider.terminate(instance)
+    except Exception as exc:  # noqa: BLE001 - terminate_and_verify retries it
+        log(f"terminate {instance.id}: {type(exc).__name__}: {exc}; will retry")
+
+
+def record_outcome(record: Callable[[str], object] | None, result: TeardownResult,
+                   log: Log) -> None:
+    """Best effort: save the teardown's outcome; a failure becomes a warning."""
+    if record is None:
+        return
+    try:
+        record(result.status)
+    except Exception as exc:  # noqa: BLE001 - a full disk must not undo a verified teardown
+        message = (f"could not record the teardown's outcome ({result.status}): "
+                   f"{type(exc).__name__}: {exc}")
+        result.warnings.append(message)
+        log(message)
+
+
 def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, timeout: float,
-                 log: Log) -> TeardownResult:
+                 log: Log, record: Callable[[str], object] | None = None) -> TeardownResult:
     """Terminate everything that belongs to ``run_id``: the known instance and anything
-    else carrying the run's label (e.g. an instance whose launch was cut short)."""
+    else carrying the run's label (e.g. an instance whose launch was cut short).
+
+    ``record`` (optional) is called once at the end with the outcome ("terminated" or
+    "teardown-failed"), typically to save the run's state file; if it raises, the
+    result carries a warning and nothing else changes."""
     started = time.monotonic()
     deadline = started + timeout
     result = TeardownResult(verified=True)
     targets: dict[str, Instance] = {}
     if instance is not None:
         targets[instance.id] = instance
+        log(f"terminating {instance.provider} instance {instance.id}")
+        _terminate_once(provider, instance, log)
     try:
         for found in provider.find({LABEL_RUN_ID: run_id}):
             if found.state != InstanceState.TERMINATED:
@@ -97,7 +137,8 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
             result.verified = False
             result.problems.append(f"no instance recorded and listing by label failed: {exc}")
     for target in targets.values():
-        log(f"terminating {target.provider} instance {target.id}")
+        if instance is None or target.id != instance.id:
+            log(f"terminating {target.provider} instance {target.id}")
         ok, problems = terminate_and_verify(provider, target, deadline=deadline, log=log)
         result.problems.extend(problems)
         if ok:
@@ -113,4 +154,5 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
     except Exception as exc:  # noqa: BLE001
         log(f"could not verify by label: {type(exc).__name__}: {exc}")
     result.seconds = time.monotonic() - started
+    record_outcome(record, result, log)
     return result

@@ -4,63 +4,175 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ephemera.settings import Settings
+    from ephemera.state import RunState
+    from ephemera.teardown import TeardownResult
 
 
 @click.command("down")
 @click.argument("run_ids", nargs=-1)
 @click.option("--all", "all_runs", is_flag=True, help="Every run whose state file says it may still be up.")
+@click.option("--force", is_flag=True,
+              help="With --all: also runs whose ephemera process is still going on this machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def command(run_ids: tuple[str, ...], all_runs: bool, as_json: bool) -> None:
+def command(run_ids: tuple[str, ...], all_runs: bool, force: bool, as_json: bool) -> None:
     """Finish the teardown of runs from their state files (for an `if: always()` step).
 
+    With --all, a run whose ephemera process is still running on this machine is left
+    to it unless the run has expired or --force is given. A state file that cannot be
+    read is skipped with a warning; every other run is still torn down.
+
     Exits 0 when everything named is verified gone, 5 when something could not be
-    verified, 2 when a run id is unknown.
+    verified (or a state file could not be read), 2 when a run id is unknown.
     """
-    from ephemera.errors import EXIT_TEARDOWN_FAILED, ConfigError
-    from ephemera.registry import get_provider
+    from ephemera.errors import EXIT_BAD_INPUT, EXIT_TEARDOWN_FAILED, ConfigError
     from ephemera.settings import get_settings
-    from ephemera.state import ACTIVE, list_states, load_state, save_state
-    from ephemera.teardown import teardown_run
+    from ephemera.state import load_state, read_states
 
     settings = get_settings()
     if not run_ids and not all_runs:
         raise ConfigError("name one or more run ids, or pass --all")
-    states = []
+    say = (lambda m: None) if as_json else (lambda m: click.echo(m, err=True))
+    states: dict[str, RunState] = {}
+    unreadable: list[str] = []
+    unknown: list[str] = []
     if all_runs:
-        states = [s for s in list_states(settings.state_dir) if s.status in (*ACTIVE, "teardown-failed")]
+        found, unreadable = read_states(settings.state_dir)
+        states.update((s.run_id, s) for s in found if s.status != "terminated")
     for run_id in run_ids:
-        state = load_state(settings.state_dir, run_id)
-        if state is None:
-            raise ConfigError(f"no state file for run '{run_id}' in {settings.state_dir / 'runs'}")
-        states.append(state)
-    outcomes = []
-    failed = False
-    for state in states:
-        if state.status == "terminated":
-            outcomes.append({"run_id": state.run_id, "verified": True, "detail": "already terminated"})
+        try:
+            state = load_state(settings.state_dir, run_id)
+        except ConfigError as exc:
+            unreadable.append(exc.message)
             continue
-        log = (lambda m: None) if as_json else (lambda m, r=state.run_id: click.echo(f"[{r}] {m}", err=True))
-        provider = get_provider(state.provider)
-        result = teardown_run(provider, state.run_id, state.instance, timeout=600.0, log=log)
-        state.status = "terminated" if result.verified else "teardown-failed"
-        save_state(settings.state_dir, state)
-        if result.verified and state.ssh_key_path:
-            import shutil
-            from pathlib import Path
-
-            shutil.rmtree(Path(state.ssh_key_path).parent, ignore_errors=True)
-        failed |= not result.verified
-        outcomes.append({"run_id": state.run_id, "provider": state.provider, "verified": result.verified,
-                         "terminated": result.terminated, "problems": result.problems})
+        if state is None:
+            unknown.append(run_id)
+        else:
+            states[run_id] = state
+    for problem in unreadable:
+        say(f"warning: skipping a state file that cannot be read: {problem}")
+    outcomes = [_down_one(state, settings, may_skip=state.run_id not in run_ids and not force,
+                          as_json=as_json)
+                for state in states.values()]
     if as_json:
-        click.echo(json.dumps({"runs": outcomes}, indent=2))
+        click.echo(json.dumps({"runs": outcomes, "unreadable": unreadable, "unknown": unknown},
+                              indent=2))
     else:
-        if not outcomes:
-            click.echo("nothing to tear down", err=True)
-        for o in outcomes:
-            click.echo(f"{o['run_id']}: {'gone' if o['verified'] else 'NOT VERIFIED: ' + '; '.join(o['problems'])}",
-                       err=True)
-    if failed:
+        _print(outcomes, unknown, unreadable, settings)
+    if unreadable or any(o.get("verified") is False for o in outcomes):
         sys.exit(EXIT_TEARDOWN_FAILED)
+    if unknown:
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _print(outcomes: list[dict[str, Any]], unknown: list[str], unreadable: list[str],
+           settings: Settings) -> None:
+    if not outcomes and not unknown and not unreadable:
+        click.echo("nothing to tear down", err=True)
+    for o in outcomes:
+        if "skipped" in o:
+            text = "skipped: " + o["skipped"]
+        elif o["verified"]:
+            text = "gone"
+        else:
+            text = "NOT VERIFIED: " + "; ".join(o["problems"])
+        click.echo(f"{o['run_id']}: {text}", err=True)
+        for warning in o.get("warnings", []):
+            click.echo(f"{o['run_id']}: warning: {warning}", err=True)
+    for run_id in unknown:
+        click.echo(f"{run_id}: no state file in {settings.state_dir / 'runs'}", err=True)
+
+
+def _down_one(state: RunState, settings: Settings, *, may_skip: bool,
+              as_json: bool) -> dict[str, Any]:
+    """Tear down one run; never raises (one failing run must not stop the others)."""
+    from ephemera.registry import get_provider
+    from ephemera.state import owner_alive
+    from ephemera.teardown import teardown_run
+
+    run_id = state.run_id
+    if state.status == "terminated":
+        return {"run_id": run_id, "verified": True, "detail": "already terminated"}
+    if may_skip and owner_alive(state) and not state.expired():
+        return {"run_id": run_id, "provider": state.provider,
+                "skipped": f"its ephemera process (pid {state.pid}) is still running on this "
+                           "machine and the run has not expired; pass --force to tear it down"}
+    log = (lambda m: None) if as_json else (lambda m: click.echo(f"[{run_id}] {m}", err=True))
+    outcome: dict[str, Any] = {"run_id": run_id, "provider": state.provider, "verified": False,
+                               "terminated": [], "problems": [], "warnings": []}
+    try:
+        provider = get_provider(state.provider)
+        result = teardown_run(provider, run_id, state.instance, timeout=600.0, log=log,
+                              record=lambda status: _save_status(settings, state, status))
+    except Exception as exc:  # noqa: BLE001 - go on with the other runs
+        outcome["problems"].append(f"{type(exc).__name__}: {exc}")
+        return outcome
+    outcome.update(verified=result.verified, terminated=result.terminated,
+                   problems=result.problems, warnings=list(result.warnings))
+    if result.verified and state.ssh_key_path:
+        import shutil
+
+        shutil.rmtree(Path(state.ssh_key_path).parent, ignore_errors=True)
+    try:
+        _record_history(state, result, provider, settings)
+    except Exception as exc:  # noqa: BLE001 - the history is not worth a failed teardown
+        outcome["warnings"].append(f"could not record the run in the history "
+                                   f"({settings.history_path}): {exc}")
+    return outcome
+
+
+def _save_status(settings: Settings, state: RunState, status: str) -> None:
+    from ephemera.state import save_state
+
+    state.status = status
+    save_state(settings.state_dir, state)
+
+
+def _price(state: RunState) -> tuple[float, bool]:
+    """The hourly price and market the provider recorded for the instance (0 if none)."""
+    import math
+
+    data = state.instance.data if state.instance else {}
+    try:
+        price = float(data.get("price_per_hour") or 0.0)
+    except ValueError:
+        price = 0.0
+    if not math.isfinite(price) or price < 0:
+        price = 0.0
+    return price, data.get("market") == "spot"
+
+
+def _record_history(state: RunState, result: TeardownResult, provider: object,
+                    settings: Settings) -> None:
+    """Complete the run's history row with the end of its teardown, or add a row for a
+    run that created something but never reported (its process was killed)."""
+    from ephemera.cost import min_billed_seconds_for
+    from ephemera.history import RunRecord, billed_seconds, record_teardown
+
+    instance = state.instance
+    if instance is None and not result.terminated:
+        return  # nothing was created: nothing to bill
+    now = datetime.now(UTC)
+    ended = now if result.verified else None
+    launched = (instance.launched_at if instance and instance.launched_at else None) \
+        or state.created_at or state.updated_at
+    minimum = min_billed_seconds_for(state.provider, provider)
+    price, spot = _price(state)
+    billed = billed_seconds(launched.timestamp(), now.timestamp(), minimum)
+    fallback = RunRecord(
+        run_id=state.run_id, job=state.job, tier=None, model="", provider=state.provider,
+        instance_type=instance.instance_type if instance else "",
+        region=instance.region if instance else None, status="unfinished", exit_code=None,
+        started_at=launched, duration_seconds=max(0.0, (now - launched).total_seconds()),
+        cost_usd=billed * price / 3600.0, phases={}, billed_seconds=billed,
+        price_per_hour=price, spot=spot, launched_at=launched, ended_at=ended,
+        termination_verified=result.verified)
+    record_teardown(state.run_id, ended_at=ended, fallback=fallback, min_billed_seconds=minimum,
+                    path=settings.history_path)
