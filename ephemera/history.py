@@ -6,15 +6,21 @@ write runs in WAL mode with a busy timeout, inside ``BEGIN IMMEDIATE`` (the writ
 lock is taken up front, so two writers never deadlock upgrading a read lock), and is
 retried with a short backoff if the database is still locked after the timeout.
 
-Rows come from two places: the controller records each run as it ends
-(:func:`record_run`), and ``ephemera cost --import`` merges ``cost.json`` files
-from CI artifacts (:func:`import_cost_files`), idempotently on the run id, because
-CI machines are thrown away together with their history.
+Rows come from three places: the controller records each run as it ends
+(:func:`record_run`), ``ephemera down`` records when it finished the teardown of a
+run whose own process could not (:func:`record_teardown`: it completes the run's row,
+or adds one), and ``ephemera cost --import`` merges ``cost.json`` files from CI
+artifacts (:func:`import_cost_files`), idempotently on the run id, because CI
+machines are thrown away together with their history.
+
+Readers never trust the file: a damaged database, or rows with values of the wrong
+type, end in :class:`~ephemera.errors.InfraError` naming the file (and the run).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sqlite3
@@ -29,7 +35,7 @@ from typing import TypeVar
 from ephemera.cost import CostReport
 from ephemera.errors import ConfigError, InfraError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 10_000
 WRITE_ATTEMPTS = 8
 
@@ -72,6 +78,13 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_started_at ON runs (started_at);
 """
+# Version 2: when the machine was launched and when it was verified gone (NULL while
+# that is unknown: a teardown that could not be verified, a run still going).
+_MIGRATIONS = {
+    2: ("ALTER TABLE runs ADD COLUMN launched_at REAL",
+        "ALTER TABLE runs ADD COLUMN ended_at REAL",
+        "ALTER TABLE runs ADD COLUMN termination_verified INTEGER NOT NULL DEFAULT 0"),
+}
 
 T = TypeVar("T")
 
@@ -100,6 +113,9 @@ class RunRecord:
     commit: str = ""
     ci_run_id: str = ""
     repository: str = ""
+    launched_at: datetime | None = None
+    ended_at: datetime | None = None   # verified termination; None while unknown
+    termination_verified: bool = False
 
     @classmethod
     def from_report(cls, report: CostReport, *, status: str | None = None,
@@ -108,6 +124,7 @@ class RunRecord:
         from ephemera.provider import parse_time
 
         started = report.started_at or report.launched_at
+        verified = bool(report.termination_verified and report.terminated_at)
         return cls(
             run_id=report.run_id,
             job=report.job,
@@ -129,11 +146,15 @@ class RunRecord:
             commit=report.ci.commit,
             ci_run_id=report.ci.run_id,
             repository=report.ci.repository,
+            launched_at=parse_time(report.launched_at) if report.launched_at else None,
+            ended_at=parse_time(report.terminated_at) if verified else None,
+            termination_verified=verified,
         )
 
     def _row(self, source: str) -> tuple:
-        if self.started_at.tzinfo is None:
-            raise ValueError("naive datetime: ephemera works in UTC only")
+        for moment in (self.started_at, self.launched_at, self.ended_at):
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError("naive datetime: ephemera works in UTC only")
         return (
             self.run_id, self.job, self.tier, self.model, self.provider, self.instance_type,
             self.region, int(self.spot), self.status, self.exit_code,
@@ -141,12 +162,16 @@ class RunRecord:
             self.price_per_hour, self.cost_usd, self.estimated_cost_usd,
             json.dumps(self.phases, sort_keys=True), self.commit, self.ci_run_id,
             self.repository, source, time.time(),
+            self.launched_at.timestamp() if self.launched_at else None,
+            self.ended_at.timestamp() if self.ended_at else None,
+            int(self.termination_verified),
         )
 
 
 _COLUMNS = ("run_id, job, tier, model, provider, instance_type, region, spot, status, "
             "exit_code, started_at, duration_seconds, billed_seconds, price_per_hour, cost_usd, "
-            "estimated_cost_usd, phases, commit_sha, ci_run_id, repository, source, recorded_at")
+            "estimated_cost_usd, phases, commit_sha, ci_run_id, repository, source, recorded_at, "
+            "launched_at, ended_at, termination_verified")
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(", ")))
 
 
@@ -204,7 +229,7 @@ def _with_retry(path: Path, work: Callable[[sqlite3.Connection], T]) -> T:
                 raise InfraError(f"history database {path}: {exc}") from None
             time.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 1.0)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             raise InfraError(f"history database {path} is not usable: {exc}",
                              hint="Move the file away to start a new history.") from None
     raise AssertionError("unreachable")
@@ -222,10 +247,14 @@ def _ensure_schema(conn: sqlite3.Connection) -> None:
     with _Txn(conn):
         # Another process may have created the schema while this one waited for the lock.
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version < SCHEMA_VERSION:
+        if version < 1:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+        for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target]:
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -253,6 +282,54 @@ def record_run(record: RunRecord, *, path: Path | None = None) -> None:
             conn.execute(f"INSERT OR REPLACE INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", row)
 
     _with_retry(path, work)
+
+
+def record_teardown(run_id: str, *, ended_at: datetime | None, fallback: RunRecord,
+                    min_billed_seconds: int = 0, path: Path | None = None) -> str:
+    """Record that the teardown of ``run_id`` finished at ``ended_at`` (None: it could
+    not be verified). The run's row gets its end time, verified flag, and billed time and
+    cost recomputed up to the end (never lowered); a run with no row yet (its process was
+    killed before it could report) gets ``fallback``. Returns "updated", "added" or
+    "unchanged"."""
+    path = path or history_path()
+    if ended_at is not None and ended_at.tzinfo is None:
+        raise ValueError("naive datetime: ephemera works in UTC only")
+
+    def work(conn: sqlite3.Connection) -> str:
+        with _Txn(conn):
+            row = conn.execute(
+                "SELECT COALESCE(launched_at, started_at), price_per_hour FROM runs "
+                "WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                conn.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
+                             fallback._row("down"))
+                return "added"
+            if ended_at is None:
+                return "unchanged"
+            launched, price = _number(row[0]), _number(row[1])
+            billed = billed_seconds(launched, ended_at.timestamp(), min_billed_seconds)
+            conn.execute(
+                "UPDATE runs SET ended_at = ?, termination_verified = 1, "
+                "billed_seconds = MAX(billed_seconds, ?), cost_usd = MAX(cost_usd, ?) "
+                "WHERE run_id = ?",
+                (ended_at.timestamp(), billed, billed * price / 3600.0, run_id))
+            return "updated"
+
+    return _with_retry(path, work)
+
+
+def billed_seconds(launched: float, ended: float, minimum: int = 0) -> float:
+    """Per-second billing from launch to end, rounded up, with the provider's minimum."""
+    if not (math.isfinite(launched) and math.isfinite(ended)) or ended <= launched:
+        return float(minimum)
+    return float(max(math.ceil(ended - launched - 1e-9), minimum))
+
+
+def _number(value: object) -> float:
+    """A REAL column as a float (0.0 for anything a damaged row holds instead)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) else 0.0
 
 
 @dataclass(frozen=True)
@@ -344,7 +421,11 @@ def get_run(run_id: str, *, path: Path | None = None) -> dict | None:
         if row is None:
             return None
         data = dict(row)
-        data["phases"] = json.loads(data["phases"])
+        try:
+            data["phases"] = json.loads(data["phases"])
+        except (TypeError, ValueError, RecursionError):
+            raise InfraError(f"history database {db}: run {run_id}: column 'phases' is not "
+                             "JSON", hint="Move the file away to start a new history.") from None
         return data
 
     return _with_retry(db, work)

@@ -2,6 +2,8 @@
 
 It only acts on instances that carry the run-id and expires-at labels with an
 expiry in the past, so running it with no settings can never touch anything else.
+One instance that cannot be judged or terminated never stops the others: it is
+reported (and makes ``ephemera reap`` exit non-zero) and the reaper goes on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from ephemera.provider import (
     InstanceState,
     parse_time,
 )
+
+KEPT, IGNORED = "kept", "ignored"
 
 
 @dataclass
@@ -46,28 +50,19 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
             log(f"skipping provider {name}: {exc}")
             continue
         for instance in found:
-            labels = instance.labels
-            if instance.state == InstanceState.TERMINATED or LABEL_RUN_ID not in labels:
-                continue
             try:
-                expires = parse_time(labels[LABEL_EXPIRES_AT])
-            except (KeyError, ValueError):
-                report.kept += 1  # no readable expiry: never ours to judge
-                continue
-            if expires > now or (owner and labels.get(LABEL_OWNER) != owner):
+                item = _reap_one(name, provider, instance, owner=owner, dry_run=dry_run, now=now,
+                                 log=log, terminate_and_verify=terminate_and_verify)
+            except Exception as exc:  # noqa: BLE001 - go on with the other instances
+                item = {"provider": name, "id": str(getattr(instance, "id", "?")),
+                        "run_id": str(getattr(instance, "run_id", "?")), "expires_at": "?",
+                        "owner": None, "verified": False,
+                        "problems": [f"{type(exc).__name__}: {exc}"]}
+                log(f"{name}: could not reap {item['id']}: {type(exc).__name__}: {exc}")
+            if item == KEPT:
                 report.kept += 1
-                continue
-            item = {"provider": name, "id": instance.id, "run_id": labels[LABEL_RUN_ID],
-                    "expires_at": labels[LABEL_EXPIRES_AT], "owner": labels.get(LABEL_OWNER),
-                    "verified": False}
-            if not dry_run:
-                import time
-
-                log(f"terminating expired {name} instance {instance.id} (run {labels[LABEL_RUN_ID]})")
-                ok, problems = terminate_and_verify(provider, instance, deadline=time.monotonic() + 300, log=log)
-                item["verified"] = ok
-                item["problems"] = problems
-            report.expired.append(item)
+            elif isinstance(item, dict):
+                report.expired.append(item)
         extra = getattr(provider, "reap_orphans", None)
         if callable(extra):
             try:
@@ -76,3 +71,32 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
             except Exception as exc:  # noqa: BLE001
                 log(f"{name}: orphan cleanup failed: {exc}")
     return report
+
+
+def _reap_one(name: str, provider: Any, instance: Any, *, owner: str | None, dry_run: bool,
+              now: datetime, log: Callable[[str], None],
+              terminate_and_verify: Callable[..., tuple[bool, list[str]]]) -> dict[str, Any] | str:
+    """The report item of one instance (what was, or would be, done), KEPT when it is
+    not expired, has another owner or no readable expiry, IGNORED when it is not an
+    ephemera instance or is gone already."""
+    import time
+
+    labels = instance.labels
+    if instance.state == InstanceState.TERMINATED or LABEL_RUN_ID not in labels:
+        return IGNORED
+    try:
+        expires = parse_time(labels[LABEL_EXPIRES_AT])
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError):
+        return KEPT  # no readable expiry: never ours to judge
+    if expires > now or (owner and labels.get(LABEL_OWNER) != owner):
+        return KEPT
+    item = {"provider": name, "id": instance.id, "run_id": labels[LABEL_RUN_ID],
+            "expires_at": labels[LABEL_EXPIRES_AT], "owner": labels.get(LABEL_OWNER),
+            "verified": False}
+    if not dry_run:
+        log(f"terminating expired {name} instance {instance.id} (run {labels[LABEL_RUN_ID]})")
+        ok, problems = terminate_and_verify(provider, instance, deadline=time.monotonic() + 300,
+                                            log=log)
+        item["verified"] = ok
+        item["problems"] = problems
+    return item

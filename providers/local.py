@@ -308,10 +308,20 @@ class LocalProvider:
         )
 
     def _read(self, workdir: Path) -> dict | None:
+        """The run's labels.json; None when missing or not one (never an exception: a
+        damaged directory must not stop ``find`` from listing the other runs)."""
         try:
-            return json.loads((workdir / "labels.json").read_text())
-        except (OSError, ValueError):
+            record = json.loads((workdir / "labels.json").read_text())
+            ok = (isinstance(record, dict)
+                  and all(isinstance(record.get(k), str) for k in ("id", "run_id"))
+                  and isinstance(record.get("labels", {}), dict)
+                  and all(isinstance(v, str) for v in record.get("labels", {}).values())
+                  and isinstance(record.get("instance_type", ""), str))
+            if ok and record.get("launched_at"):
+                datetime.fromisoformat(record["launched_at"])
+        except (OSError, ValueError, TypeError, RecursionError):
             return None
+        return record if ok else None
 
     def launch(self, spec: LaunchSpec) -> Instance:
         workdir = self._workdir(spec.run_id)
