@@ -135,25 +135,13 @@ def _save_status(settings: Settings, state: RunState, status: str) -> None:
     save_state(settings.state_dir, state)
 
 
-def _price(state: RunState) -> tuple[float, bool]:
-    """The hourly price and market the provider recorded for the instance (0 if none)."""
-    import math
-
-    data = state.instance.data if state.instance else {}
-    try:
-        price = float(data.get("price_per_hour") or 0.0)
-    except ValueError:
-        price = 0.0
-    if not math.isfinite(price) or price < 0:
-        price = 0.0
-    return price, data.get("market") == "spot"
-
-
 def _record_history(state: RunState, result: TeardownResult, provider: object,
                     settings: Settings) -> None:
     """Complete the run's history row with the end of its teardown, or add a row for a
     run that created something but never reported (its process was killed)."""
-    from ephemera.cost import min_billed_seconds_for
+    from types import SimpleNamespace
+
+    from ephemera.cost import billed_terms, min_billed_seconds_for
     from ephemera.history import RunRecord, billed_seconds, record_teardown
 
     instance = state.instance
@@ -164,15 +152,19 @@ def _record_history(state: RunState, result: TeardownResult, provider: object,
     launched = (instance.launched_at if instance and instance.launched_at else None) \
         or state.created_at or state.updated_at
     minimum = min_billed_seconds_for(state.provider, provider)
-    price, spot = _price(state)
+    # What the provider recorded at launch (market, region, price); nothing: price 0.
+    unknown = SimpleNamespace(instance_type=instance.instance_type if instance else "",
+                              region=instance.region if instance else None, spot=False,
+                              price_per_hour=0.0, price_source="")
+    terms = billed_terms(unknown, instance)
     billed = billed_seconds(launched.timestamp(), now.timestamp(), minimum)
     fallback = RunRecord(
         run_id=state.run_id, job=state.job, tier=None, model="", provider=state.provider,
-        instance_type=instance.instance_type if instance else "",
-        region=instance.region if instance else None, status="unfinished", exit_code=None,
-        started_at=launched, duration_seconds=max(0.0, (now - launched).total_seconds()),
-        cost_usd=billed * price / 3600.0, phases={}, billed_seconds=billed,
-        price_per_hour=price, spot=spot, launched_at=launched, ended_at=ended,
-        termination_verified=result.verified)
+        instance_type=terms["instance_type"], region=terms["region"], status="unfinished",
+        exit_code=None, started_at=launched,
+        duration_seconds=max(0.0, (now - launched).total_seconds()),
+        cost_usd=billed * terms["price_per_hour"] / 3600.0, phases={}, billed_seconds=billed,
+        price_per_hour=terms["price_per_hour"], spot=terms["spot"], launched_at=launched,
+        ended_at=ended, termination_verified=result.verified)
     record_teardown(state.run_id, ended_at=ended, fallback=fallback, min_billed_seconds=minimum,
                     path=settings.history_path)
