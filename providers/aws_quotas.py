@@ -27,6 +27,9 @@ QUOTAS: dict[tuple[str, str], tuple[str, str]] = {
     ("P", "spot"): ("L-7212CCBC", "All P Spot Instance Requests"),
 }
 
+# The Service Quotas calls a read makes, in order (the second when no value is applied).
+QUOTA_OPERATIONS = ("get_service_quota", "get_aws_default_service_quota")
+
 _CLASS = re.compile(r"^(vt|g|p)\d", re.IGNORECASE)
 
 
@@ -83,7 +86,7 @@ class QuotaReader:
             client = self._client_for(region)
         except Exception:  # noqa: BLE001 - no client: the check is skipped
             return None
-        for operation in ("get_service_quota", "get_aws_default_service_quota"):
+        for operation in QUOTA_OPERATIONS:
             try:
                 reply = getattr(client, operation)(ServiceCode="ec2", QuotaCode=code)
                 return float(reply["Quota"]["Value"])
