@@ -15,7 +15,7 @@ def connect_docker(purpose: str) -> Any:
         import docker
     except ImportError:  # pragma: no cover - docker is an extra
         raise ConfigError(f"{purpose} needs the Docker SDK for Python",
-                          hint="Install it with: pip install 'ephemera[docker]'.") from None
+                          hint="Install it with: pip install 'ephemera-gpu[docker]'.") from None
     try:
         client = docker.from_env()
         client.ping()

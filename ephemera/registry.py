@@ -17,8 +17,8 @@ GROUP = "ephemera.providers"
 
 # What to install when a built-in provider's SDK is missing.
 _INSTALL_HINTS = {
-    "aws": "pip install 'ephemera[aws]'",
-    "docker": "pip install 'ephemera[docker]'",
+    "aws": "pip install 'ephemera-gpu[aws]'",
+    "docker": "pip install 'ephemera-gpu[docker]'",
 }
 
 

@@ -29,7 +29,7 @@ from ephemera_providers._deadman import (
     start_watchdog_command,
     unprefixed,
 )
-from ephemera_providers.local import nvidia_offers
+from ephemera_providers.local import NVIDIA_SMI_SHELL, nvidia_offers
 
 from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownError
 from ephemera.provider import Endpoint, Instance, InstanceState, LaunchSpec, Offer, OfferRequest
@@ -125,8 +125,7 @@ class SSHProvider:
         try:
             result = remote.run(
                 "nproc; awk '/^MemTotal:/ {print $2}' /proc/meminfo; echo @@gpus; "
-                "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits "
-                "2>/dev/null || true", timeout=60)
+                + NVIDIA_SMI_SHELL, timeout=60)
         finally:
             remote.close()
         if not result.ok:

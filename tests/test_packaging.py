@@ -23,7 +23,7 @@ DISTRIBUTION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["
 TAKEN = "ephemera"
 # Where install lines for users and CI live.
 INSTALL_LINE_FILES = ("README.md", ".github/**/*.yml", ".github/**/*.yaml", ".ci/*", "jobs/**/*.yaml",
-                      "docs/**/*.md", "benchmarks/**/*.py")
+                      "docs/**/*.md", "benchmarks/**/*.py", "ephemera/**/*.py", "providers/*.py")
 INSTALLER = re.compile(r"\b(?:pip3?|pipx|uv\s+pip|uv\s+tool)\s+install\b(?P<rest>[^;&|`\n]*)")
 
 

