@@ -99,6 +99,8 @@ NOT_FOUND_GRACE_SECONDS = 120
 # How often poll sends TerminateInstances again to an instance that is still alive.
 MAX_TERMINATE_RESENDS = 20
 SSH_PROBE_SECONDS = 2.0
+# Regions a search looks at in parallel (a reap covers every enabled region).
+SEARCH_THREADS = 8
 # A reap prunes the region records of runs that expired this long ago.
 RECORD_KEEP = timedelta(hours=1)
 
@@ -752,18 +754,36 @@ class AWSProvider(LaunchResources):
         else:
             where = self.reap_regions(failures)
         found: list[Instance] = []
-        for region in where:
-            try:
-                found += self._find_in(region, labels)
-            except Exception as exc:  # noqa: BLE001 - go on with the other regions
-                if classify_code(exc) is Kind.REGION_DISABLED:
-                    continue  # nothing can be in a region the account has not enabled
-                failures.append(f"{region}: {type(exc).__name__}: {exc}")
+        for region_found, failure in self._search_regions(where, labels):
+            found += region_found
+            if failure:
+                failures.append(failure)
         if failures:
             raise IncompleteSearchError(found, failures)
         if not run_id and regions is None:
             self._prune_records(found)
         return found
+
+    def _search_regions(self, regions: list[str], labels: Mapping[str, str],
+                        ) -> list[tuple[list[Instance], str | None]]:
+        """(found, failure) per region, in order; several regions are searched at once."""
+
+        def search(region: str) -> tuple[list[Instance], str | None]:
+            try:
+                return self._find_in(region, labels), None
+            except Exception as exc:  # noqa: BLE001 - go on with the other regions
+                if classify_code(exc) is Kind.REGION_DISABLED:
+                    return [], None  # nothing can be in a region the account has not enabled
+                return [], f"{region}: {type(exc).__name__}: {exc}"
+
+        if len(regions) <= 1:
+            return [search(r) for r in regions]
+        from concurrent.futures import ThreadPoolExecutor
+
+        for region in regions:
+            self.client("ec2", region)  # made here: a boto3 session is not thread-safe
+        with ThreadPoolExecutor(max_workers=min(SEARCH_THREADS, len(regions))) as pool:
+            return list(pool.map(search, regions))
 
     def _find_in(self, region: str, labels: Mapping[str, str]) -> list[Instance]:
         ours = [{"Name": "tag-key", "Values": [tag_key(LABEL_RUN_ID)]}]

@@ -96,8 +96,45 @@ def test_launch_request_carries_everything(aws, aws_env):
 def test_spot_request(aws):
     spec = aws.make_spec("run-spot", options={"aws": {"ssh_user": "root"}, "spot": True})
     inst = aws.provider.launch(spec)
-    assert describe(inst.id)["InstanceLifecycle"] == "spot"
+    raw = describe(inst.id)
+    assert raw["InstanceLifecycle"] == "spot"
     assert inst.data["market"] == "spot"
+    # Billed at the zone's spot price at launch, not the plan's on-demand price.
+    zone = raw["Placement"]["AvailabilityZone"]
+    history = ec2().describe_spot_price_history(InstanceTypes=["g5.xlarge"], AvailabilityZone=zone,
+                                               ProductDescriptions=["Linux/UNIX"])
+    prices = [float(h["SpotPrice"]) for h in history["SpotPriceHistory"]
+              if h["AvailabilityZone"] == zone]
+    assert float(inst.data["price_per_hour"]) == pytest.approx(min(prices))
+    assert inst.data["price_source"] == f"AWS spot price history {zone} at launch"
+    assert inst.data["availability_zone"] == zone and inst.data["region"] == "us-east-1"
+
+
+def test_on_demand_launch_records_its_price(aws):
+    inst = aws.provider.launch(aws.make_spec("run-price"))
+    assert inst.data["market"] == "on-demand" and inst.data["region"] == "us-east-1"
+    assert (inst.data["price_per_hour"], inst.data["price_source"]) == ("1.006", "test")
+
+
+def test_region_failover_records_that_regions_price(aws):
+    spec = aws.make_spec("run-price2", options={"regions": ["us-east-1", "us-east-2"]})
+    inject(aws.provider, "us-east-1", "RunInstances", lambda n, body: "InsufficientInstanceCapacity")
+    inst = aws.provider.launch(spec)
+    assert inst.data["region"] == "us-east-2"
+    # The built-in catalog prices g5.xlarge in us-east-1 and says so for other regions.
+    assert inst.data["price_source"].endswith("(us-east-1 price)")
+
+
+@pytest.mark.parametrize("disk_gib, expected", [(40, 40), (4, "snapshot"), (None, "snapshot+60")])
+def test_root_volume_is_the_specs_whole_disk_with_the_ami_as_floor(aws, disk_gib, expected):
+    inst = aws.provider.launch(aws.make_spec(f"run-disk-{disk_gib}", disk_gib=disk_gib))
+    raw = describe(inst.id)
+    image = ec2().describe_images(ImageIds=[raw["ImageId"]])["Images"][0]
+    snapshot = image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+    volume = ec2().describe_volumes(VolumeIds=[raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]])
+    size = volume["Volumes"][0]["Size"]
+    want = {"snapshot": snapshot, "snapshot+60": snapshot + 60}.get(expected, expected)
+    assert snapshot > 4 and size == want and inst.data["disk_gib"] == str(want)
 
 
 def test_ami_override_and_missing_parameter(aws, aws_env, monkeypatch):
