@@ -9,18 +9,23 @@ shutdown for EC2, so the script uses ``shutdown -h``.
 Two mechanisms, so that one failing does not leak the machine: ``shutdown -h +N``
 scheduled as the very first step, and a systemd service that checks the clock
 every 20 seconds and also survives a reboot.
+
+It also puts the SSH login user (``ubuntu`` on the default AMI) in the ``docker``
+group, which the AMI does not promise: the job's image runs through that Docker.
 """
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime
 
 from ephemera.provider import format_time
 
 
-def user_data(run_id: str, expires_at: datetime) -> str:
+def user_data(run_id: str, expires_at: datetime, login_user: str = "ubuntu") -> str:
     epoch = int(expires_at.timestamp())
     stamp = format_time(expires_at)
+    user = shlex.quote(login_user)
     return f"""#!/bin/bash
 # ephemera run {run_id}: this instance powers off (and so terminates) at {stamp}.
 set -u
@@ -58,4 +63,10 @@ systemctl enable --now ephemera-deadman.service
 
 # 3. The job's image runs through the VM's Docker with the NVIDIA runtime.
 systemctl enable --now docker || service docker start || true
+
+# 4. The login user reaches Docker through its group (new SSH sessions pick it up).
+if id -u {user} >/dev/null 2>&1; then
+    getent group docker >/dev/null || groupadd docker
+    usermod -aG docker {user} || true
+fi
 """

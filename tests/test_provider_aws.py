@@ -82,6 +82,7 @@ def test_launch_request_carries_everything(aws, aws_env):
     assert f"EXPIRES_AT={int(spec.expires_at.timestamp())}" in script
     assert "shutdown -h" in script and "halt" not in script.replace("# ", "")
     assert "systemctl enable --now docker" in script
+    assert f"usermod -aG docker {aws.sshd.user}" in script  # the login user may use Docker
     # IMDSv2 required, gp3 root volume of the spec's whole size, not spot.
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
     volume_id = raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
