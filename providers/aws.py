@@ -349,7 +349,7 @@ class AWSProvider(LaunchResources):
         if state_dir is None:
             return
         options = {"subnet_ids": list(opts.get("subnet_ids") or []),
-                   "profile": getattr(self.session, "profile_name", None) or ""}
+                   "profile": self._profile()}
         try:
             aws_regions.add_region(state_dir, spec.run_id, region, expires_at=spec.expires_at,
                                    options=options)
@@ -361,6 +361,28 @@ class AWSProvider(LaunchResources):
                 f"({aws_regions.records_dir(state_dir)}): {exc}; not launching where a later "
                 "teardown would not look.",
                 hint="Make the state directory (EPHEMERA_STATE_DIR) writable.") from exc
+
+    def _profile(self) -> str:
+        """The AWS profile this process chose explicitly ("" for the default chain)."""
+        inner = getattr(self.session, "_session", None)
+        return str(getattr(inner, "profile", None) or "")
+
+    def _profile_mismatch(self, run_id: str) -> str | None:
+        """Why this process cannot speak for a run launched with another AWS profile."""
+        state_dir = getattr(self.settings, "state_dir", None)
+        if state_dir is None:
+            return None
+        try:
+            recorded = aws_regions.read_record(state_dir, run_id).get("options") or {}
+        except ValueError:
+            return None
+        launched, here = str(recorded.get("profile") or ""), self._profile()
+        if "profile" not in recorded or launched == here:
+            return None
+        how = f"AWS_PROFILE={launched}" if launched else "AWS_PROFILE unset"
+        return (f"run {run_id} was launched with AWS profile '{launched or '(none)'}' and this "
+                f"process uses '{here or '(none)'}', so it may be looking at another account; "
+                f"search again with {how}")
 
     def _recorded(self, run_id: str) -> list[str]:
         state_dir = getattr(self.settings, "state_dir", None)
@@ -744,7 +766,8 @@ class AWSProvider(LaunchResources):
         region the run's launches recorded; otherwise (the reaper) every enabled region.
         A region that cannot be searched does not stop the others, but the search then
         raises :class:`IncompleteSearchError` (with what was found) instead of returning
-        a list that would look complete. A complete search without a run id also prunes
+        a list that would look complete; so does a search for a run launched with another
+        AWS profile than this process's. A complete search without a run id also prunes
         the region records of runs that expired and left nothing."""
         failures: list[str] = []
         run_id = labels.get(LABEL_RUN_ID)
@@ -752,6 +775,9 @@ class AWSProvider(LaunchResources):
             where = list(regions)
         elif run_id:
             where = self.run_regions(str(run_id))
+            mismatch = self._profile_mismatch(str(run_id))
+            if mismatch:
+                failures.append(mismatch)
         else:
             where = self.reap_regions(failures)
         found: list[Instance] = []

@@ -170,3 +170,27 @@ def test_complete_reap_prunes_records_of_expired_runs(contract_aws, tmp_path):
     aws_regions.add_region(state, "run-old-gone", "us-west-2", expires_at=long_ago, options={})
     fresh_provider().find({"run-id": "run-old-gone"})
     assert record_file(tmp_path, "run-old-gone").exists()
+
+
+def test_a_run_launched_with_another_profile_is_not_searched_as_if_complete(
+        contract_aws, tmp_path, monkeypatch):
+    """`down` with other credentials than the launch's may look at another account:
+    its search fails with what to do, instead of an empty list."""
+    from ephemera_providers.aws_errors import IncompleteSearchError
+
+    aws = contract_aws
+    inst = aws.provider.launch(aws.make_spec("run-prof"))
+    record = json.loads(record_file(tmp_path, "run-prof").read_text())
+    assert record["options"]["profile"] == ""
+    config = tmp_path / "aws-config"
+    config.write_text("[profile other]\nregion = us-east-1\n")
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text("[other]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "other")
+    with pytest.raises(IncompleteSearchError, match="search again with AWS_PROFILE unset") as err:
+        fresh_provider().find({"run-id": "run-prof"})
+    assert [i.id for i in err.value.found if not i.data.get("kind")] == [inst.id]
+    monkeypatch.delenv("AWS_PROFILE")
+    assert inst.id in [i.id for i in fresh_provider().find({"run-id": "run-prof"})]
