@@ -23,8 +23,8 @@ backoff and jitter (tenacity), bounded by ``retry_attempts``.
 
 Failover happens inside ``launch``, region by region (the offer's first). Before
 anything is created in a region, the region is recorded on disk for the run (see
-``aws_regions``), its vCPU quotas are read (see ``aws_quotas``) and the price cap is
-checked for each market. Then each RunInstances attempt is immediate: a capacity
+``aws_regions``; ``aws_find`` searches there), its vCPU quotas are read (see
+``aws_quotas``) and the price cap is checked for each market (``aws_failover``). Then each RunInstances attempt is immediate: a capacity
 error moves on to the next subnet, then from spot to on-demand when allowed, then to
 the next region; a quota error skips that instance family in that region for the
 rest of this provider's life; spot without its service-linked role is taken as "no
@@ -41,44 +41,33 @@ Options read from ``LaunchSpec.options`` (the job's ``resources.aws`` section un
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from ephemera_providers import aws_regions
 from ephemera_providers.aws_common import (
-    LIVE_STATES,
     TAG_PREFIX,
     Options,
-    attached_groups,
     data_from_instance,
     from_tags,
-    is_boto_error,
-    matches,
-    orphan,
     resource_name,
     ssh_cidr,
     tag_key,
     to_tags,
 )
 from ephemera_providers.aws_errors import (
-    QUOTA_CODES,
-    SPOT_ROLE_HINT,
-    IncompleteSearchError,
     Kind,
-    aws_code,
     classify,
-    error_code,
-    error_text,
-    kind_of_code,
+    classify_code,
     to_ephemera_error,
 )
+from ephemera_providers.aws_failover import Attempt, Failover, wants_spot
+from ephemera_providers.aws_find import RunSearch
 from ephemera_providers.aws_quotas import QuotaReader
 from ephemera_providers.aws_resources import DLAMI_PARAMETER, LaunchResources, SkipRegion
 from ephemera_providers.aws_userdata import user_data
 
-from ephemera.errors import EphemeraError, InfraError, NoCapacityError, QuotaError
+from ephemera.errors import EphemeraError, InfraError
 from ephemera.provider import (
     LABEL_RUN_ID,
     Endpoint,
@@ -99,10 +88,6 @@ NOT_FOUND_GRACE_SECONDS = 120
 # How often poll sends TerminateInstances again to an instance that is still alive.
 MAX_TERMINATE_RESENDS = 20
 SSH_PROBE_SECONDS = 2.0
-# Regions a search looks at in parallel (a reap covers every enabled region).
-SEARCH_THREADS = 8
-# A reap prunes the region records of runs that expired this long ago.
-RECORD_KEEP = timedelta(hours=1)
 
 _STATE_MAP = {
     "pending": InstanceState.PENDING,
@@ -114,36 +99,7 @@ _STATE_MAP = {
 }
 
 
-@dataclass
-class _Attempt:
-    """What one launch learned on its way: why each place was passed over, hints for
-    the user, and notes the launched instance carries (a fallback that happened)."""
-
-    failures: list[str] = field(default_factory=list)
-    quota_hints: list[str] = field(default_factory=list)
-    quota_failures: int = 0
-    hints: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def quota(self, reason: str, hint: str) -> None:
-        self.failures.append(reason)
-        self.quota_hints.append(hint)
-        self.quota_failures += 1
-
-    def error(self, instance_type: str, regions: list[str]) -> EphemeraError:
-        where = ", ".join(regions)
-        detail = "; ".join(self.failures) or "nothing was tried"
-        if self.quota_failures and self.quota_failures == len(self.failures):
-            return QuotaError(f"{instance_type} could not be launched in {where}: {detail}.",
-                              hint="To launch it: " + "; ".join(dict.fromkeys(self.quota_hints)) + ".")
-        hints = list(dict.fromkeys(self.hints + [h[0].upper() + h[1:] + "." for h in self.quota_hints]))
-        hints.append("Add regions (resources.regions / EPHEMERA_AWS_REGIONS) or allow other instance "
-                     "types; ephemera tries the plan's next offer.")
-        return NoCapacityError(f"no capacity for {instance_type} in {where}: {detail}.",
-                               hint=" ".join(hints))
-
-
-class AWSProvider(LaunchResources):
+class AWSProvider(LaunchResources, Failover, RunSearch):
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"
@@ -255,20 +211,6 @@ class AWSProvider(LaunchResources):
 
         return list(catalog.builtin_aws_offers(request))
 
-    def _catalog_price(self, instance_type: str, region: str, spot: bool) -> tuple[float, str] | None:
-        """The catalog's hourly price of a type in a region (the built-in catalog moves a
-        price from another region and says so in the source)."""
-        for offer in self.offers(OfferRequest(regions=(region,), instance_type=instance_type)):
-            if offer.instance_type == instance_type and offer.region == region and offer.spot == spot:
-                return offer.price_per_hour, offer.price_source
-        return None
-
-    def _market_price(self, offer: Offer, region: str, market: str) -> tuple[float, str] | None:
-        spot = market == "spot"
-        if offer.spot == spot and offer.region in (None, region):
-            return offer.price_per_hour, offer.price_source
-        return self._catalog_price(offer.instance_type, region, spot)
-
     # ------------------------------------------------------------------ launch
 
     def launch(self, spec: LaunchSpec) -> Instance:
@@ -277,7 +219,7 @@ class AWSProvider(LaunchResources):
         existing = self._existing_instance(spec.run_id, self._recorded(spec.run_id))
         if existing is not None:
             return existing
-        attempt = _Attempt()
+        attempt = Attempt()
         for region in regions:
             instance = self._try_region(spec, opts, region, attempt)
             if instance is not None:
@@ -308,7 +250,7 @@ class AWSProvider(LaunchResources):
         return None
 
     def _try_region(self, spec: LaunchSpec, opts: Options, region: str,
-                    attempt: _Attempt) -> Instance | None:
+                    attempt: Attempt) -> Instance | None:
         """One region: record it, pick the markets quotas and the price cap allow, set up
         the key and group, try RunInstances. None means "go on with the next region"."""
         family = spec.offer.instance_type.split(".")[0]
@@ -341,105 +283,8 @@ class AWSProvider(LaunchResources):
             self._delete_created(region, created)
         return instance
 
-    def _record_region(self, spec: LaunchSpec, opts: Options, region: str) -> None:
-        """Write down, before anything is created there, that this run tries ``region``,
-        so that a teardown in another process looks there. A region that cannot be
-        recorded is only tried when ``find`` searches it anyway."""
-        state_dir = getattr(self.settings, "state_dir", None)
-        if state_dir is None:
-            return
-        options = {"subnet_ids": list(opts.get("subnet_ids") or []),
-                   "profile": self._profile()}
-        try:
-            aws_regions.add_region(state_dir, spec.run_id, region, expires_at=spec.expires_at,
-                                   options=options)
-        except (OSError, ValueError) as exc:
-            if region in self.find_regions():
-                return
-            raise InfraError(
-                f"could not record that run {spec.run_id} tries {region} "
-                f"({aws_regions.records_dir(state_dir)}): {exc}; not launching where a later "
-                "teardown would not look.",
-                hint="Make the state directory (EPHEMERA_STATE_DIR) writable.") from exc
-
-    def _profile(self) -> str:
-        """The AWS profile this process chose explicitly ("" for the default chain)."""
-        inner = getattr(self.session, "_session", None)
-        return str(getattr(inner, "profile", None) or "")
-
-    def _profile_mismatch(self, run_id: str) -> str | None:
-        """Why this process cannot speak for a run launched with another AWS profile."""
-        state_dir = getattr(self.settings, "state_dir", None)
-        if state_dir is None:
-            return None
-        try:
-            recorded = aws_regions.read_record(state_dir, run_id).get("options") or {}
-        except ValueError:
-            return None
-        launched, here = str(recorded.get("profile") or ""), self._profile()
-        if "profile" not in recorded or launched == here:
-            return None
-        how = f"AWS_PROFILE={launched}" if launched else "AWS_PROFILE unset"
-        return (f"run {run_id} was launched with AWS profile '{launched or '(none)'}' and this "
-                f"process uses '{here or '(none)'}', so it may be looking at another account; "
-                f"search again with {how}")
-
-    def _recorded(self, run_id: str) -> list[str]:
-        state_dir = getattr(self.settings, "state_dir", None)
-        if state_dir is None:
-            return []
-        try:
-            return aws_regions.recorded_regions(state_dir, run_id)
-        except ValueError:
-            return []
-
-    def _markets(self, spec: LaunchSpec, opts: Options, region: str,
-                 attempt: _Attempt) -> list[str]:
-        """The markets to try in ``region``, in order: spot first when asked, then
-        on-demand when the job allows the fallback; minus what the account cannot use
-        (spot without its role, a quota below the offer's vCPUs) and an on-demand price
-        above the cap (spot is capped by its MaxPrice)."""
-        wants_spot = _wants_spot(spec, opts)
-        if not wants_spot:
-            markets = ["on-demand"]
-        elif opts.get("spot_fallback", True):
-            markets = ["spot", "on-demand"]
-        else:
-            markets = ["spot"]
-        if "spot" in markets and self.spot_unavailable:
-            markets.remove("spot")
-            attempt.failures.append(f"{region}: spot skipped ({self.spot_unavailable})")
-        kept = []
-        for market in markets:
-            short = self.quotas.shortfall(region, spec.offer.instance_type, market, spec.offer.vcpus)
-            if short is not None:
-                attempt.quota(short.reason(), short.hint())
-                continue
-            refusal = self._price_refusal(spec, opts, region, market, fallback=wants_spot)
-            if refusal:
-                attempt.failures.append(refusal)
-                continue
-            kept.append(market)
-        return kept
-
-    def _price_refusal(self, spec: LaunchSpec, opts: Options, region: str, market: str,
-                       *, fallback: bool) -> str | None:
-        cap = opts.get("max_price_per_hour")
-        if cap is None or market == "spot":
-            return None
-        what = "on-demand fallback" if fallback else "on-demand"
-        known = self._market_price(spec.offer, region, "on-demand")
-        if known is None:
-            return (f"{region}: {what} refused: no on-demand price is known for "
-                    f"{spec.offer.instance_type} there, so max_price_per_hour ${float(cap):.4g}/h "
-                    "cannot be checked")
-        if known[0] > float(cap):
-            return (f"{region}: {what} refused: ${known[0]:.4g}/h ({known[1]}) is above "
-                    f"max_price_per_hour ${float(cap):.4g}/h")
-        return None
-
     def _launch_in_region(self, spec: LaunchSpec, opts: Options, region: str, markets: list[str],
-                          created: dict[str, str], attempt: _Attempt) -> Instance | None:
+                          created: dict[str, str], attempt: Attempt) -> Instance | None:
         ami = self._resolve_ami(region, opts)
         root_device, image_gib = self._image_root(region, ami)
         subnets, vpc_id = self._subnets(region, spec.offer.instance_type, opts, attempt.failures)
@@ -474,7 +319,7 @@ class AWSProvider(LaunchResources):
                     "regions": ",".join(self._recorded(spec.run_id) or [region]),
                     **self._billing(spec, region, market, raw),
                 }
-                if market == "on-demand" and _wants_spot(spec, opts) and not attempt.notes:
+                if market == "on-demand" and wants_spot(spec, opts) and not attempt.notes:
                     attempt.notes.append("spot could not be launched (" + "; ".join(
                         attempt.failures[-3:]) + "), so this is an on-demand instance")
                 if attempt.notes:
@@ -482,63 +327,6 @@ class AWSProvider(LaunchResources):
                 instance = self._instance_from(raw, region, data=data, labels=labels)
                 return instance.evolve(message=data.get("notes") or instance.message)
         return None
-
-    def _after_failure(self, exc: Exception, spec: LaunchSpec, region: str, subnet: str,
-                       market: str, attempt: _Attempt) -> str:
-        """What a failed RunInstances means: "subnet" (try the next one), "market" (no
-        more of this market here), or raise (SkipRegion or a typed error)."""
-        if not hasattr(exc, "response") and not is_boto_error(exc):
-            raise exc
-        code, kind = error_code(exc), classify(exc)
-        place = f"{region}/{subnet} ({market})"
-        if kind is Kind.CAPACITY:
-            attempt.failures.append(f"{place}: {code}")
-            return "subnet"
-        if kind is Kind.SPOT_UNAVAILABLE and market == "spot":
-            self.spot_unavailable = f"{code}: no spot service-linked role in this account"
-            attempt.failures.append(f"{place}: {code} (spot is not available in this account)")
-            attempt.hints.append(SPOT_ROLE_HINT)
-            attempt.notes.append("spot is not available in this account "
-                                 f"({code}), so this is an on-demand instance. {SPOT_ROLE_HINT}")
-            return "market"
-        if kind is Kind.QUOTA:
-            attempt.quota(f"{place}: {code}: {error_text(exc)}",
-                          f"raise {QUOTA_CODES.get(code, code)} in {region}")
-            if market == "spot":
-                return "market"  # spot quota: on-demand may still be allowed
-            family = spec.offer.instance_type.split(".")[0]
-            self.skipped_families[(region, family)] = code
-            raise SkipRegion(code) from exc
-        if code == "InvalidParameterCombination":
-            attempt.failures.append(
-                f"{region}: {spec.offer.instance_type} skipped here: {code}: {error_text(exc)} "
-                "(AWS refuses this instance type with these launch settings in this region)")
-            raise SkipRegion(code) from exc
-        raise to_ephemera_error(exc, "RunInstances", region) from exc
-
-    def _billing(self, spec: LaunchSpec, region: str, market: str,
-                 raw: Mapping[str, Any]) -> dict[str, str]:
-        """Market, zone and hourly price of what was launched (written to Instance.data,
-        read by the cost report). Spot is priced from the zone's price history when
-        AWS gives it, else from the catalog; on-demand from the plan or the catalog."""
-        zone = (raw.get("Placement") or {}).get("AvailabilityZone", "")
-        priced: tuple[float, str] | None = None
-        if market == "spot":
-            from ephemera_providers.aws_prices import spot_price_now
-
-            now = spot_price_now(self, spec.offer.instance_type, region, zone)
-            if now is not None:
-                priced = (now, f"AWS spot price history {zone or region} at launch")
-        if priced is None:
-            priced = self._market_price(spec.offer, region, market)
-        if priced is None and market == "spot":
-            bound = self._market_price(spec.offer, region, "on-demand")
-            if bound is not None:
-                priced = (bound[0], f"{bound[1]} (on-demand price, the most spot can cost)")
-        out = {"market": market, "availability_zone": zone}
-        if priced is not None:
-            out.update(price_per_hour=f"{priced[0]:.6g}", price_source=priced[1])
-        return out
 
     def _run_params(self, spec: LaunchSpec, opts: Options, ami: str, root_device: str,
                     disk_gib: int, key_name: str, group_id: str, subnet: str, market: str,
@@ -727,120 +515,6 @@ class AWSProvider(LaunchResources):
         return instance.evolve(state=InstanceState.TERMINATING,
                                message=f"{reason}; security group still in use, retrying")
 
-    # --------------------------------------------------------------- find/reap
-
-    def find_regions(self) -> list[str]:
-        """The regions of the settings (or the default one)."""
-        return list(dict.fromkeys(self.settings.aws_regions or [self.default_region()]))
-
-    def run_regions(self, run_id: str) -> list[str]:
-        """Where a run's resources may be: the settings' regions and every region its
-        launches recorded."""
-        return list(dict.fromkeys(self.find_regions() + self._recorded(run_id)))
-
-    def reap_regions(self, failures: list[str]) -> list[str]:
-        """Every region the account has enabled (or the configured list), plus every region
-        a recorded run tried. A failure to list the enabled regions goes to ``failures``."""
-        regions = list(self.settings.aws_regions)
-        if not regions:
-            region = self.default_region()
-            try:
-                reply = self._call("ec2", region, "describe_regions", Filters=[
-                    {"Name": "opt-in-status", "Values": ["opt-in-not-required", "opted-in"]}])
-                regions = sorted(r["RegionName"] for r in reply.get("Regions", []))
-            except EphemeraError as exc:
-                failures.append(f"listing the enabled regions from {region}: {exc}")
-            regions = regions or [region]
-        state_dir = getattr(self.settings, "state_dir", None)
-        recorded = aws_regions.all_recorded_regions(state_dir) if state_dir is not None else []
-        return list(dict.fromkeys(regions + recorded))
-
-    def find(self, labels: Mapping[str, str], regions: Iterable[str] | None = None) -> list[Instance]:
-        """Live instances carrying all ``labels``, plus security groups and key pairs
-        tagged by ephemera that no live instance uses any more (state FAILED, with
-        ``data["kind"]`` saying which). The reaper and teardown treat those like
-        instances: ``terminate`` deletes them and ``poll`` says TERMINATED once they are
-        gone. Only resources carrying the ``ephemera:run-id`` tag are ever returned.
-
-        Where: ``regions`` when given; for a run id, the settings' regions and every
-        region the run's launches recorded; otherwise (the reaper) every enabled region.
-        A region that cannot be searched does not stop the others, but the search then
-        raises :class:`IncompleteSearchError` (with what was found) instead of returning
-        a list that would look complete; so does a search for a run launched with another
-        AWS profile than this process's. A complete search without a run id also prunes
-        the region records of runs that expired and left nothing."""
-        failures: list[str] = []
-        run_id = labels.get(LABEL_RUN_ID)
-        if regions is not None:
-            where = list(regions)
-        elif run_id:
-            where = self.run_regions(str(run_id))
-            mismatch = self._profile_mismatch(str(run_id))
-            if mismatch:
-                failures.append(mismatch)
-        else:
-            where = self.reap_regions(failures)
-        found: list[Instance] = []
-        for region_found, failure in self._search_regions(where, labels):
-            found += region_found
-            if failure:
-                failures.append(failure)
-        if failures:
-            raise IncompleteSearchError(found, failures)
-        if not run_id and regions is None:
-            self._prune_records(found)
-        return found
-
-    def _search_regions(self, regions: list[str], labels: Mapping[str, str],
-                        ) -> list[tuple[list[Instance], str | None]]:
-        """(found, failure) per region, in order; several regions are searched at once."""
-
-        def search(region: str) -> tuple[list[Instance], str | None]:
-            try:
-                return self._find_in(region, labels), None
-            except Exception as exc:  # noqa: BLE001 - go on with the other regions
-                if classify_code(exc) is Kind.REGION_DISABLED:
-                    return [], None  # nothing can be in a region the account has not enabled
-                return [], f"{region}: {type(exc).__name__}: {exc}"
-
-        if len(regions) <= 1:
-            return [search(r) for r in regions]
-        from concurrent.futures import ThreadPoolExecutor
-
-        for region in regions:
-            self.client("ec2", region)  # made here: a boto3 session is not thread-safe
-        with ThreadPoolExecutor(max_workers=min(SEARCH_THREADS, len(regions))) as pool:
-            return list(pool.map(search, regions))
-
-    def _find_in(self, region: str, labels: Mapping[str, str]) -> list[Instance]:
-        ours = [{"Name": "tag-key", "Values": [tag_key(LABEL_RUN_ID)]}]
-        wanted = [{"Name": f"tag:{tag_key(k)}", "Values": [str(v)]} for k, v in labels.items()]
-        live = self._describe(region, ours + [
-            {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        used_groups = {g["GroupId"] for raw in live for g in attached_groups(raw)}
-        used_keys = {raw.get("KeyName") for raw in live}
-        found = [self._instance_from(raw, region, data=data_from_instance(raw, region))
-                 for raw in live if matches(from_tags(raw.get("Tags")), labels)]
-        for group in self._call("ec2", region, "describe_security_groups",
-                                Filters=ours + wanted)["SecurityGroups"]:
-            if group["GroupId"] not in used_groups:
-                found.append(orphan("security-group", group["GroupId"], region,
-                                    from_tags(group.get("Tags"))))
-        for key in self._call("ec2", region, "describe_key_pairs", Filters=ours + wanted)["KeyPairs"]:
-            if key["KeyName"] not in used_keys:
-                found.append(orphan("key-pair", key["KeyName"], region, from_tags(key.get("Tags"))))
-        return found
-
-    def _prune_records(self, found: list[Instance]) -> None:
-        state_dir = getattr(self.settings, "state_dir", None)
-        if state_dir is None:
-            return
-        try:
-            aws_regions.prune(state_dir, now=datetime.now(UTC) - RECORD_KEEP,
-                              keep_run_ids={i.run_id for i in found})
-        except OSError:
-            pass  # the records stay; the next complete reap tries again
-
     # ----------------------------------------------------------------- connect
 
     def connect(self, instance: Instance):
@@ -912,16 +586,6 @@ def root_volume_gib(disk_gib: int | None, image_gib: int) -> int:
     if disk_gib:
         return max(int(disk_gib), image_gib)
     return image_gib + DEFAULT_DATA_GIB
-
-
-def _wants_spot(spec: LaunchSpec, opts: Options) -> bool:
-    return bool(spec.offer.spot or opts.get("spot"))
-
-
-def classify_code(exc: BaseException) -> Kind | None:
-    """The Kind of the AWS error code an error carries (None without one)."""
-    code = aws_code(exc)
-    return kind_of_code(code) if code else None
 
 
 def _ssh_answers(host: str, port: int) -> bool:

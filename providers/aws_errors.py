@@ -167,6 +167,12 @@ def aws_code(exc: BaseException) -> str:
     return getattr(exc, "aws_code", "") or error_code(exc)
 
 
+def classify_code(exc: BaseException) -> Kind | None:
+    """The Kind of the AWS error code an error carries (None without one)."""
+    code = aws_code(exc)
+    return kind_of_code(code) if code else None
+
+
 def to_ephemera_error(exc: BaseException, action: str, region: str | None) -> EphemeraError:
     """A typed ephemera error with a message that says what failed, where, and what to
     do. The AWS code stays readable as the error's ``aws_code`` attribute."""
