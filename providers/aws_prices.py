@@ -81,8 +81,8 @@ def spot_price_now(provider: Any, instance_type: str, region: str, zone: str) ->
                               "StartTime": datetime.now(UTC), "MaxResults": 100}
     if zone:
         params["AvailabilityZone"] = zone
-    try:
-        reply = provider._call("ec2", region, "describe_spot_price_history", **params)
+    try:  # one call, no retries: a launch does not wait for a report detail
+        reply = provider.client("ec2", region).describe_spot_price_history(**params)
     except Exception:  # noqa: BLE001 - the price is a report detail, never a reason to fail
         return None
     prices = [float(item["SpotPrice"]) for item in reply.get("SpotPriceHistory", [])

@@ -147,3 +147,16 @@ def test_public_address_is_asked_for_on_the_interface(contract_aws):
     assert str(body["NetworkInterface.1.DeviceIndex"]) == "0"
     assert body["NetworkInterface.1.SecurityGroupId.1"].startswith("sg-")
     assert "SecurityGroupId.1" not in body and "SubnetId" not in body
+
+
+def test_spot_price_that_cannot_be_read_falls_back_to_the_catalog_at_once(contract_aws):
+    aws = contract_aws
+    reads = inject(aws.provider, "us-east-1", "DescribeSpotPriceHistory",
+                   lambda n, body: ("ServiceUnavailable", 503))
+    base = aws.make_spec("run-spotprice")
+    spec = replace(base, offer=replace(base.offer, spot=True, price_per_hour=0.42,
+                                       price_source="catalog spot"))
+    inst = aws.provider.launch(spec)
+    assert len(reads) == 1  # not retried: the launch does not wait for it
+    assert inst.data["market"] == "spot"
+    assert (inst.data["price_per_hour"], inst.data["price_source"]) == ("0.42", "catalog spot")
