@@ -31,6 +31,7 @@ from ephemera.errors import (
     PhaseTimeoutError,
     ServerFailedError,
 )
+from ephemera.faults import fault_point, wrap_provider
 from ephemera.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL, Job
 from ephemera.jobfile import LoadedJob
 from ephemera.progress import Reporter
@@ -245,6 +246,15 @@ class Run:
         self.state.status = status
         self.state.instance = self.instance
         save_state(self.settings.state_dir, self.state)
+        fault_point(f"state-{status}")
+
+    def _write_state_best_effort(self, status: str) -> None:
+        """During teardown the state file is a record, not a precondition: a full disk
+        or a read-only state directory must not stop anything from being terminated."""
+        try:
+            self._write_state(status)
+        except Exception as exc:  # noqa: BLE001
+            self.reporter.warn(f"could not write the state file ({status}): {type(exc).__name__}: {exc}")
 
     def _with_path(self, command: str) -> str:
         if self.path_prefix:
@@ -364,6 +374,7 @@ class Run:
             except PhaseTimeoutError as exc:
                 raise self._timeout_error("boot", seconds, by_job, exc.message) from None
             self._write_state("active")
+            fault_point("boot")
 
     def upload(self, model_dir: Path | None) -> str:
         assert self.remote is not None and self.instance is not None
@@ -457,6 +468,7 @@ class Run:
             self.base_url = base
             next_alive_check = 0.0
             last_detail = ""
+            fault_point("health")
             while True:
                 health = check_health(base, self.server_cmd.served_name, timeout=2.0)
                 if health.ready:
@@ -522,7 +534,7 @@ class Run:
                 result = remote.run(
                     self._with_path(command), env=self.suite_env(), cwd=cwd,
                     timeout=max(1.0, deadline - time.monotonic()),
-                    on_line=lambda line: self.reporter.line(self._redact(line), "suite"),
+                    on_line=self._suite_line,
                     log_path=self.artifacts_dir / "suite.log")
             if self.job.suite.image and result.timed_out:
                 remote.run(f"{docker} rm -f ephemera-{self.run_id}-suite >/dev/null 2>&1; true", timeout=30)
@@ -531,6 +543,10 @@ class Run:
                                           f"the suite was stopped; its output is in {self.artifacts_dir / 'suite.log'}")
             self._log(f"suite exited with status {result.exit_status}")
             return result.exit_status if result.exit_status is not None else 1
+
+    def _suite_line(self, line: str) -> None:
+        self.reporter.line(self._redact(line), "suite")
+        fault_point("suite")
 
     def _ensure_channel(self) -> None:
         """A channel that stopped answering (a frozen peer, a dropped tunnel) is replaced by
@@ -576,6 +592,7 @@ class Run:
             remote_path = entry if entry.startswith("/") else f"{wd}/suite/{entry}"
             wanted.append((remote_path, self.artifacts_dir))
         with self.phase("collect"):
+            fault_point("collect")
             if suspect_channel:
                 self._ensure_channel()
             for remote_path, local in wanted:
@@ -616,7 +633,8 @@ class Run:
         left = self.deadline - time.monotonic()
         timeout = max(left, 120.0)  # never cut teardown short: a leaked machine costs more than a late exit
         with self.phase("teardown"):
-            self._write_state("tearing-down")
+            fault_point("teardown")
+            self._write_state_best_effort("tearing-down")
             if self.remote is not None:
                 # The provider ends every process of the run; this part must not hold up the
                 # teardown when the peer stopped answering, hence the thread with a bound.
@@ -629,8 +647,9 @@ class Run:
                 closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 2.0)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
             self.terminated_at = datetime.now(UTC)
+            fault_point("terminated")
             if result.verified:
-                self._write_state("terminated")
+                self._write_state_best_effort("terminated")
                 self._log(f"teardown verified: nothing of run {self.run_id} is left "
                           f"({', '.join(result.terminated) or 'no instance'})")
                 if self.ssh_key_dir is not None:
@@ -638,7 +657,7 @@ class Run:
 
                     shutil.rmtree(self.ssh_key_dir, ignore_errors=True)
             else:
-                self._write_state("teardown-failed")
+                self._write_state_best_effort("teardown-failed")
                 self.reporter.error("teardown NOT verified: " + "; ".join(result.problems)
                                     + f". Run `ephemera down {self.run_id}` to finish it.")
             return result.verified
@@ -689,7 +708,7 @@ class Run:
                     o = self.plan.offer
                     self._log(f"plan: {o.instance_type} ({o.gpu_count} x {o.gpu or 'CPU'}), "
                               f"tensor parallel {self.plan.tensor_parallel_size}, ${o.price_per_hour:.4f}/h")
-                self.provider = get_provider(self.provider_name)
+                self.provider = wrap_provider(get_provider(self.provider_name))
                 with self.phase("prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
@@ -771,6 +790,7 @@ class Run:
         """Cost of the run: per-second billing from launch to verified termination."""
         if self.launched_at is None or self.offer is None:
             return None
+        fault_point("report")
         try:
             from ephemera.reporting import write_reports
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import shlex
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ephemera_providers._deadman import (
@@ -32,11 +34,21 @@ from ephemera_providers._deadman import (
 from ephemera_providers.local import NVIDIA_SMI_SHELL, nvidia_offers
 
 from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownError
-from ephemera.provider import Endpoint, Instance, InstanceState, LaunchSpec, Offer, OfferRequest
+from ephemera.provider import (
+    LABEL_RUN_ID,
+    Endpoint,
+    Instance,
+    InstanceState,
+    LaunchSpec,
+    Offer,
+    OfferRequest,
+)
 from ephemera.settings import get_settings
 from ephemera.ssh import HostKeyPin, SSHRemote, Target
 
 log = logging.getLogger(__name__)
+
+_TARGET_KEYS = ("host", "port", "user", "key", "workroot")
 
 CONNECT_TIMEOUT = 30.0   # launch/terminate: the host exists, so it should answer soon
 POLL_TIMEOUT = 10.0      # poll must not hold the controller long
@@ -176,6 +188,7 @@ class SSHProvider:
         fields = self._resolve(spec.options)
         self._target(fields)
         workdir = posixpath.join(str(fields["workroot"]), run_id)
+        self._record_target(run_id, fields, spec.expires_at)
         record = {
             "id": f"ssh-{fields['host']}-{fields['port']}-{run_id}", "run_id": run_id,
             "labels": prefixed(dict(spec.labels)),
@@ -262,10 +275,64 @@ class SSHProvider:
             raise TeardownError(f"could not remove {workdir} on {fields['host']}: "
                                 f"{result.output_tail[-300:]}")
 
+    # -- where runs were launched (so another process finds them)
+
+    @staticmethod
+    def _records_dir() -> Path:
+        return get_settings().state_dir / "ssh-targets"
+
+    def _record_target(self, run_id: str, fields: Mapping[str, Any], expires_at: datetime) -> None:
+        """Write down the host a run is launched on before anything is made there: the job
+        names the host, so ``down`` and ``reap`` in another process (without the job)
+        could not find the run otherwise. A run that cannot be recorded is not launched."""
+        record = {"run_id": run_id, "expires_at": expires_at.astimezone(UTC).isoformat(),
+                  **{k: fields.get(k) for k in _TARGET_KEYS}}
+        directory = self._records_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{run_id}.json.tmp"
+            tmp.write_text(json.dumps(record))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, directory / f"{run_id}.json")
+        except OSError as exc:
+            raise InfraError(f"could not record where run {run_id} is launched ({directory}): {exc}; "
+                             "not launching what a later `ephemera down` could not find") from None
+
+    def _targets(self, run_id: str | None) -> list[dict[str, Any]]:
+        """The default host plus the recorded ones (of ``run_id``, or of every run whose
+        expiry is less than a day past), each once."""
+        targets = []
+        default = self._resolve(None)
+        if default.get("host"):
+            targets.append(default)
+        directory = self._records_dir()
+        paths = [directory / f"{run_id}.json"] if run_id else sorted(directory.glob("*.json"))
+        now = datetime.now(UTC)
+        for path in paths:
+            try:
+                record = json.loads(path.read_text())
+                if not run_id and (now - datetime.fromisoformat(record["expires_at"])).days >= 1:
+                    path.unlink(missing_ok=True)
+                    continue
+                fields = {k: record[k] for k in _TARGET_KEYS}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            targets.append(fields)
+        unique: dict[tuple, dict[str, Any]] = {}
+        for fields in targets:
+            unique.setdefault(tuple(str(fields.get(k)) for k in ("host", "port", "user", "workroot")), fields)
+        return list(unique.values())
+
     def find(self, labels: Mapping[str, str]) -> list[Instance]:
-        fields = self._resolve(None)
-        if not fields.get("host"):
-            return []
+        """Runs with these labels on the default host and on every host a run was
+        recorded on. A host that cannot be searched makes the search fail: a teardown
+        must not report "nothing left" without having looked."""
+        found: list[Instance] = []
+        for fields in self._targets(labels.get(LABEL_RUN_ID)):
+            found += self._find_on(fields, labels)
+        return found
+
+    def _find_on(self, fields: Mapping[str, Any], labels: Mapping[str, str]) -> list[Instance]:
         root = shlex.quote(str(fields["workroot"]))
         remote = self._remote(fields, CONNECT_TIMEOUT)
         lines: list[str] = []

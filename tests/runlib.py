@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,30 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 SIGNALS = {"INT": signal.SIGINT, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP, "KILL": signal.SIGKILL}
+
+
+class KeyInstaller(threading.Thread):
+    """Plays cloud-init's part: puts the run's public key into the sshd's authorized keys
+    as soon as the run has made it, and records the key pair moto was given."""
+
+    def __init__(self, state_dir: Path, authorized: Path) -> None:
+        super().__init__(daemon=True)
+        self.state_dir, self.authorized = state_dir, authorized
+        self.stop = threading.Event()
+        self.installed: list[str] = []
+        self.key_pairs: dict[str, str] = {}
+
+    def run(self) -> None:
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name="us-west-2")
+        while not self.stop.wait(0.05):
+            for pub in self.state_dir.glob("keys/*/*.pub"):
+                line = pub.read_text().strip()
+                if line and line not in self.installed:
+                    with self.authorized.open("a") as fh:
+                        fh.write(line + "\n")
+                    self.installed.append(line)
+            if self.installed and not self.key_pairs:
+                for key in ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]:
+                    self.key_pairs[key["KeyName"]] = key.get("PublicKey", "")

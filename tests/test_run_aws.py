@@ -11,40 +11,21 @@ import os
 import re
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import boto3
 import pytest
 
-from tests.runlib import RunProcess, processes_of, run_env, wait_no_processes, write_job
+from tests.runlib import (
+    KeyInstaller,
+    RunProcess,
+    processes_of,
+    run_env,
+    wait_no_processes,
+    write_job,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
-
-
-class KeyInstaller(threading.Thread):
-    """Plays cloud-init's part: puts the run's public key into the sshd's authorized keys
-    as soon as the run has made it, and records the key pair moto was given."""
-
-    def __init__(self, state_dir: Path, authorized: Path) -> None:
-        super().__init__(daemon=True)
-        self.state_dir, self.authorized = state_dir, authorized
-        self.stop = threading.Event()
-        self.installed: list[str] = []
-        self.key_pairs: dict[str, str] = {}
-
-    def run(self) -> None:
-        ec2 = boto3.client("ec2", region_name="us-west-2")
-        while not self.stop.wait(0.05):
-            for pub in self.state_dir.glob("keys/*/*.pub"):
-                line = pub.read_text().strip()
-                if line and line not in self.installed:
-                    with self.authorized.open("a") as fh:
-                        fh.write(line + "\n")
-                    self.installed.append(line)
-            if self.installed and not self.key_pairs:
-                for key in ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]:
-                    self.key_pairs[key["KeyName"]] = key.get("PublicKey", "")
 
 
 def _leftovers(region: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""Stand-in for vLLM in fault tests (see tests/standin/README)."""
