@@ -134,7 +134,7 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
         try:
             import boto3
         except ImportError:
-            return False, "boto3 is not installed: pip install 'ephemera[aws]'"
+            return False, "boto3 is not installed: pip install 'ephemera-gpu[aws]'"
         session = boto3.session.Session()
         creds = session.get_credentials()
         region = session.region_name or "none (set AWS_REGION or EPHEMERA_AWS_REGION)"
