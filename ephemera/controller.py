@@ -366,6 +366,8 @@ class Run:
                 self._write_state("active")
             self._log(f"launched {self.instance.id} ({self.offer.instance_type}, "
                       f"{self.offer.region or 'local'}); state file: {self.settings.state_dir / 'runs'}")
+            if self.instance.message:   # e.g. a fallback from spot to on-demand, and why
+                self._log(f"{self.instance.id}: {self.instance.message}")
         deadline, seconds, by_job = self.phase_deadline("boot", self.job.resources.boot_timeout)
         with self.phase("boot"):
             try:
@@ -548,26 +550,32 @@ class Run:
         self.reporter.line(self._redact(line), "suite")
         fault_point("suite")
 
-    def _ensure_channel(self) -> None:
-        """A channel that stopped answering (a frozen peer, a dropped tunnel) is replaced by
-        a fresh connection before the logs are pulled, instead of waiting on the old one."""
+    def _ensure_channel(self, budget: float) -> bool:
+        """Whether the channel answers (within ``budget`` seconds, at most 10). One that
+        stopped answering (a frozen peer, a dropped tunnel) is replaced by a fresh
+        connection before the logs are pulled, instead of waiting on the old one - but
+        not after a signal: then the machine's end comes first, and the logs are given up."""
         assert self.remote is not None
         try:
-            if self.remote.run("true", timeout=10).ok:
-                return
+            if self.remote.run("true", timeout=max(0.2, min(10.0, budget))).ok:
+                return True
         except Interrupted:
             raise
         except Exception:  # noqa: BLE001
             pass
         if self.provider is None or self.instance is None:
-            return
+            return False
+        if self._signal is not None:
+            self.reporter.warn("the channel to the instance is not answering: not collecting, "
+                               "tearing down at once")
+            return False
         self.reporter.warn("the channel to the instance stopped answering; reconnecting to collect the logs")
         old = self.remote
         try:
             fresh = self.provider.connect(self.instance)
         except Exception as exc:  # noqa: BLE001
             self.reporter.warn(f"reconnect failed: {type(exc).__name__}: {exc}")
-            return
+            return False
         from ephemera.container import ContainerRemote
 
         stale = old.host if isinstance(old, ContainerRemote) else old
@@ -579,6 +587,7 @@ class Run:
 
         # Closing a transport whose peer is frozen may block: do it off the main thread.
         threading.Thread(target=stale.close, daemon=True).start()
+        return True
 
     def collect(self, budget: float, suspect_channel: bool = False) -> None:
         if self.remote is None:
@@ -593,8 +602,8 @@ class Run:
             wanted.append((remote_path, self.artifacts_dir))
         with self.phase("collect"):
             fault_point("collect")
-            if suspect_channel:
-                self._ensure_channel()
+            if suspect_channel and not self._ensure_channel(0.5 if self._signal else budget):
+                return
             for remote_path, local in wanted:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -644,7 +653,10 @@ class Run:
                 closer.start()
                 from ephemera.container import ContainerRemote
 
-                closer.join(timeout=20.0 if isinstance(self.remote, ContainerRemote) else 2.0)
+                # After a signal the runner kills us within seconds: the machine's end comes
+                # first (the provider removes the run's containers and processes itself).
+                wait = 20.0 if isinstance(self.remote, ContainerRemote) else 2.0
+                closer.join(timeout=0.2 if self._signal else wait)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
             self.terminated_at = datetime.now(UTC)
             fault_point("terminated")

@@ -423,7 +423,7 @@ class SSHRemote(ShellRemote):
     def _session(self, timeout: float) -> paramiko.Channel:
         t = self.transport()
         try:
-            return t.open_session(timeout=max(1.0, timeout))
+            return t.open_session(timeout=max(0.2, timeout))
         except Exception as exc:  # noqa: BLE001 - paramiko raises several kinds
             t.close()
             raise TransientError(f"cannot open an SSH channel to {self.target.where}: {exc}") from None
@@ -483,8 +483,12 @@ class SSHRemote(ShellRemote):
             return CommandResult(exit_status=status, output_tail="\n".join(lines.tail))
         finally:
             if not finished:
+                # Cut short by an exception (a signal, a dropped connection): end the
+                # command's group without waiting on a peer that may not answer; the
+                # provider's terminate ends every recorded group of the run anyway.
                 lines.close()
-                self._kill_group(lines.pgid)
+                if lines.pgid:
+                    threading.Thread(target=self._kill_group, args=(lines.pgid,), daemon=True).start()
             chan.close()
 
     def _timed_out(self, lines: _Lines, chan: paramiko.Channel, why: str | None) -> CommandResult:

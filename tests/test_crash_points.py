@@ -242,3 +242,52 @@ def test_fault_points_are_named_in_the_module():
     doc = faults.__doc__ or ""
     for point in {*KILL_POINTS, *RAISE_POINTS}:
         assert point in doc, f"{point} is not documented in ephemera/faults.py"
+
+
+@pytest.mark.timeout(300)
+def test_sigint_with_a_frozen_peer_terminates_the_instance_at_once(aws_target, sshd):
+    """A cancelled CI job sends SIGINT and kills the step about 10 s later. With the SSH
+    peer frozen (SIGSTOP on its sshd session: the connection stays up and nothing
+    answers), TerminateInstances must still go out at once. The benchmark
+    benchmarks/bench_sigint.py measures the time; this checks it stays under 9 s."""
+    import time
+
+    import boto3
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(aws_target.job.read_text())
+    data["suite"]["command"] = "echo suite-started; sleep 600"
+    with aws_target.job.open("w") as fh:
+        yaml.dump(data, fh)
+    run = RunProcess(aws_target.job, aws_target.env, *aws_target.args)
+    run.wait_for("suite| suite-started", timeout=120)
+    run_id = run.run_id()
+    frozen = sshd.session_tree_pids()
+    assert frozen, "the run's SSH session should be below the test sshd"
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    ec2 = boto3.client("ec2", region_name="us-west-2")
+    filters = [{"Name": "tag:ephemera:run-id", "Values": [run_id]}]
+    try:
+        sent = time.monotonic()
+        run.signal(signal.SIGINT)
+        ended = None
+        while time.monotonic() - sent < 60:
+            states = [i["State"]["Name"] for r in ec2.describe_instances(Filters=filters)["Reservations"]
+                      for i in r["Instances"]]
+            if states and all(s in ("shutting-down", "terminated") for s in states):
+                ended = time.monotonic() - sent
+                break
+            time.sleep(0.05)
+        code, result = run.finish(timeout=120)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        _end_vm_processes(run_id)
+    assert ended is not None, f"the instance was not terminated within 60 s of SIGINT:\n{run.stderr[-3000:]}"
+    print(f"sigint-to-terminate-seconds {ended:.3f}")   # read by benchmarks/bench_sigint.py
+    assert ended < 9, f"TerminateInstances went out {ended:.1f}s after SIGINT:\n{run.stderr[-3000:]}"
+    assert code == 130 and result["status"] == "interrupted", run.stderr[-3000:]
+    assert aws_target.leftovers(run_id) == []
