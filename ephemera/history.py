@@ -204,6 +204,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise ConfigError(f"history database {path}: cannot create its directory: {exc}",
                           hint="Set EPHEMERA_HISTORY_DB or EPHEMERA_DATA_DIR to a writable place.") from None
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    # A damaged file may hold text that is not UTF-8: read it, never crash on it.
+    conn.text_factory = lambda raw: raw.decode("utf-8", errors="replace")
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     # In WAL mode NORMAL never corrupts the file; a power cut may lose the last run's
     # row, which `ephemera cost --import` can restore from its cost.json.
@@ -222,25 +224,26 @@ def _with_retry(path: Path, work: Callable[[sqlite3.Connection], T]) -> T:
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             with closing(_connect(path)) as conn:
-                _ensure_schema(conn)
+                _ensure_schema(conn, path)
                 return work(conn)
         except sqlite3.OperationalError as exc:
             if not _is_locked(exc) or attempt == WRITE_ATTEMPTS:
                 raise InfraError(f"history database {path}: {exc}") from None
             time.sleep(delay + random.uniform(0, delay))
             delay = min(delay * 2, 1.0)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: SQLite's message quotes bytes of a damaged schema.
             raise InfraError(f"history database {path} is not usable: {exc}",
                              hint="Move the file away to start a new history.") from None
     raise AssertionError("unreachable")
 
 
-def _ensure_schema(conn: sqlite3.Connection) -> None:
+def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise InfraError(f"the history database was written by a newer ephemera "
+        raise InfraError(f"history database {path} was written by a newer ephemera "
                          f"(schema {version}, this one knows {SCHEMA_VERSION})")
     # WAL lets readers go on while a writer writes; it is a property of the file.
     conn.execute("PRAGMA journal_mode = WAL")

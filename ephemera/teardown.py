@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ephemera.errors import ConfigError
 from ephemera.provider import LABEL_RUN_ID, Instance, InstanceState, Provider
 
 Log = Callable[[str], None]
@@ -49,6 +50,11 @@ def _call_with_retries(action: Callable[[], object], *, what: str, deadline: flo
         try:
             action()
             return True
+        except ConfigError as exc:  # bad input (e.g. a damaged state file): retrying cannot help
+            message = f"{what} refused: {exc}"
+            problems.append(message)
+            log(message)
+            return False
         except Exception as exc:  # noqa: BLE001 - teardown must outlive any provider error
             message = f"{what} failed (attempt {attempt}): {type(exc).__name__}: {exc}"
             if time.monotonic() + delay > deadline:

@@ -84,8 +84,12 @@ def _kill_and_remove(d: str) -> str:
 
 
 def _run_of(workdir: str, run_id: str | None) -> str:
-    """The run id a working directory belongs to (its last path element by default)."""
-    return check_run_id(run_id or workdir.rstrip("/").rsplit("/", 1)[-1])
+    """The run id a working directory belongs to: its last path element, which must be
+    ``run_id`` when that is given."""
+    name = workdir.rstrip("/").rsplit("/", 1)[-1]
+    if run_id is not None and name != run_id:
+        raise ConfigError(f"working directory '{workdir}' does not belong to run '{run_id}'")
+    return check_run_id(name)
 
 
 def watchdog_script(workdir: str, expires_epoch: int, run_id: str | None = None) -> str:
@@ -106,10 +110,16 @@ def watchdog_script(workdir: str, expires_epoch: int, run_id: str | None = None)
 
 def cleanup_script(workdir: str, run_id: str | None = None) -> str:
     """Stop the watchdog, kill the run's process groups, remove the directory. Exit 0
-    when the directory is gone (including when it never existed)."""
+    when the directory is gone (including when it never existed). A directory without
+    the marks a launch leaves (``.pgids``, ``labels.json``) is not a run's: it is only
+    removed when empty, else the script fails and touches nothing."""
     return (
         f"d={shlex.quote(workdir.rstrip('/'))}; run={shlex.quote(_run_of(workdir, run_id))}; "
         '[ -d "$d" ] || exit 0; '
+        'if [ ! -f "$d/.pgids" ] && [ ! -f "$d/labels.json" ]; then '
+        'rmdir -- "$d" 2>/dev/null && exit 0; '
+        'echo "$d is not a run directory (no .pgids or labels.json): not touching it" >&2; '
+        'exit 3; fi; '
         'w=$(cat "$d/.watchdog" 2>/dev/null); '
         'case "$w" in ""|*[!0-9]*|0|1) w="";; esac; '
         'if [ -n "$w" ] && tr "\\0" " " < "/proc/$w/cmdline" 2>/dev/null '

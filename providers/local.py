@@ -37,7 +37,7 @@ from ephemera_providers._deadman import (
 )
 
 from ephemera.catalog import MAX_COMPUTE_CAPABILITY
-from ephemera.errors import InfraError, RemoteCommandError, TeardownError
+from ephemera.errors import ConfigError, InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
 from ephemera.remote import CommandResult, LineSink, ShellRemote
 from ephemera.settings import get_settings
@@ -357,7 +357,12 @@ class LocalProvider:
         return instance.evolve(state=InstanceState.READY, workdir=str(workdir))
 
     def terminate(self, instance: Instance) -> None:
-        workdir = instance.data.get("workdir") or str(self._workdir(instance.run_id))
+        expected = self._workdir(instance.run_id)
+        workdir = instance.data.get("workdir") or str(expected)
+        if Path(workdir).resolve() != expected.resolve():
+            # A state file is input: never remove a directory this provider did not make.
+            raise ConfigError(f"the recorded working directory {workdir} of run "
+                              f"{instance.run_id} is not {expected}: not touching it")
         result = subprocess.run(["sh", "-c", cleanup_script(workdir, instance.run_id)],
                                 capture_output=True,
                                 text=True, timeout=60)

@@ -111,7 +111,11 @@ def test_providers_command_lists_builtins_and_reports_a_broken_plugin(tmp_path):
     assert {"local", "ssh", "docker", "aws"} <= set(rows)
     assert rows["local"]["usable"] is True
     assert rows["local"]["target"] == "ephemera_providers.local:LocalProvider"
-    assert rows["ssh"]["distribution"] == "ephemera"
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    assert rows["ssh"]["distribution"] == tomllib.loads(pyproject.read_text())["project"]["name"]
     broken = rows["broken"]
     assert broken["usable"] is False and broken["distribution"] == "ephemera-broken-plugin"
     assert "ephemera_missing_sdk_module" in broken["detail"]

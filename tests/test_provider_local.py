@@ -245,3 +245,24 @@ def test_a_recycled_pid_in_the_record_is_left_alone(contract_local):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_cleanup_never_removes_a_directory_that_is_not_a_run(tmp_path):
+    """What terminate runs on this machine and over SSH: a directory without the marks of
+    a launch (.pgids, labels.json) is someone else's and stays; an empty one is removed."""
+    from ephemera_providers._deadman import cleanup_script
+
+    foreign = tmp_path / "home" / "some-user"
+    foreign.mkdir(parents=True)
+    (foreign / "thesis.tex").write_text("years of work")
+    result = subprocess.run(["sh", "-c", cleanup_script(str(foreign))], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode != 0 and "not a run directory" in result.stderr
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+    empty = tmp_path / "home" / "run-cut-short"
+    empty.mkdir()
+    assert subprocess.run(["sh", "-c", cleanup_script(str(empty))], timeout=30).returncode == 0
+    assert not empty.exists()
+    with pytest.raises(ConfigError, match="does not belong to run"):
+        cleanup_script(str(foreign), "another-run")
