@@ -580,12 +580,10 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
 
 
 def root_volume_gib(disk_gib: int | None, image_gib: int) -> int:
-    """The root volume's size: the launch spec's ``disk_gib`` is the whole disk (the
-    controller sizes it for the image and the weights), never below the AMI's own
-    snapshot; without it, the snapshot plus room for the image and the weights."""
-    if disk_gib:
-        return max(int(disk_gib), image_gib)
-    return image_gib + DEFAULT_DATA_GIB
+    """The root volume's size: the AMI's own disk (OS, drivers, Docker) plus the room the
+    job needs on top of it, ``disk_gib`` (the plan sizes it for the vLLM image and the
+    model's files; ``resources.disk_gib`` overrides it), else a default room."""
+    return image_gib + int(disk_gib or DEFAULT_DATA_GIB)
 
 
 def _ssh_answers(host: str, port: int) -> bool:

@@ -83,12 +83,14 @@ def test_launch_request_carries_everything(aws, aws_env):
     assert "shutdown -h" in script and "halt" not in script.replace("# ", "")
     assert "systemctl enable --now docker" in script
     assert f"usermod -aG docker {aws.sshd.user}" in script  # the login user may use Docker
-    # IMDSv2 required, gp3 root volume of the spec's whole size, not spot.
+    # IMDSv2 required, gp3 root volume of the AMI's disk plus the spec's room, not spot.
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
     volume_id = raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
     volume = ec2().describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
     assert volume["VolumeType"] == "gp3"
-    assert volume["Size"] == spec.disk_gib == 40
+    image = ec2().describe_images(ImageIds=[raw["ImageId"]])["Images"][0]
+    snapshot = image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
+    assert volume["Size"] == snapshot + spec.disk_gib and spec.disk_gib == 40
     assert raw.get("InstanceLifecycle") != "spot"
     # Launch is idempotent on the run id.
     assert aws.provider.launch(spec).id == inst.id
@@ -126,15 +128,15 @@ def test_region_failover_records_that_regions_price(aws):
     assert inst.data["price_source"].endswith("(us-east-1 price)")
 
 
-@pytest.mark.parametrize("disk_gib, expected", [(40, 40), (4, "snapshot"), (None, "snapshot+60")])
-def test_root_volume_is_the_specs_whole_disk_with_the_ami_as_floor(aws, disk_gib, expected):
+@pytest.mark.parametrize("disk_gib, expected", [(40, "snapshot+40"), (4, "snapshot+4"), (None, "snapshot+60")])
+def test_root_volume_is_the_amis_disk_plus_the_jobs_room(aws, disk_gib, expected):
     inst = aws.provider.launch(aws.make_spec(f"run-disk-{disk_gib}", disk_gib=disk_gib))
     raw = describe(inst.id)
     image = ec2().describe_images(ImageIds=[raw["ImageId"]])["Images"][0]
     snapshot = image["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"]
     volume = ec2().describe_volumes(VolumeIds=[raw["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]])
     size = volume["Volumes"][0]["Size"]
-    want = {"snapshot": snapshot, "snapshot+60": snapshot + 60}.get(expected, expected)
+    want = snapshot + int(expected.split("+")[1])
     assert snapshot > 4 and size == want and inst.data["disk_gib"] == str(want)
 
 
