@@ -13,7 +13,9 @@ user's own (the ``docker`` group), else ``sudo -n docker``, else a clear error.
 from __future__ import annotations
 
 import shlex
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ephemera.errors import ConfigError, RemoteCommandError
@@ -77,24 +79,37 @@ class ContainerRemote(ShellRemote):
         return (f"--user {shlex.quote(self.user)} -e HOME={shlex.quote(self.workdir + '/home')} "
                 "-e USER=ephemera ")
 
-    def start_container(self, image: str, *, gpus: int, lifetime_seconds: int, shm_size: str = "1g",
+    def start_container(self, image: str, *, gpus: int, expires_at: datetime, shm_size: str = "1g",
                         timeout: float = 900) -> None:
-        """Start the run's container. Its main process sleeps for ``lifetime_seconds`` (up
-        to the run's expiry) and ``--rm`` removes it then: a dead-man switch of its own."""
+        """Start the run's container. Its main process sleeps until the run's expiry and
+        ``--rm`` removes it then: a dead-man switch of its own. The image is pulled
+        first (when missing) and the sleep is reckoned after the pull, so a slow pull
+        cannot push the container's end past the expiry."""
+        started = time.monotonic()
+        q = shlex.quote(image)
+        pulled = self.host.run(f"{self.docker} image inspect {q} >/dev/null 2>&1 || {self.docker} pull {q}",
+                               timeout=timeout)
+        if not pulled.ok:
+            self._image_error(image, pulled)
+        lifetime = max(1, int((expires_at - datetime.now(UTC)).total_seconds()))
         gpu_flag = "--gpus all " if gpus > 0 else ""
         cmd = (f"{self.docker} rm -f {self.name} >/dev/null 2>&1; "
                f"{self.docker} run -d --rm --name {self.name} {gpu_flag}{self.user_flags()}"
                "--network host --ipc host "
                f"--shm-size {shm_size} -v {shlex.quote(self.workdir)}:{shlex.quote(self.workdir)} "
                f"--label dev.ephemera.run-id={shlex.quote(self.run_id)} "
-               f"--entrypoint sleep {shlex.quote(image)} {max(1, int(lifetime_seconds))}")
-        result = self.host.run(cmd, timeout=timeout)
+               f"--entrypoint sleep {q} {lifetime}")
+        result = self.host.run(cmd, timeout=max(30.0, timeout - (time.monotonic() - started)))
         if not result.ok:
-            tail = result.output_tail[-800:]
-            if "No such image" in tail or "pull access denied" in tail or "not found" in tail:
-                raise ConfigError(f"image '{image}' cannot be run on the instance: {tail.strip()}")
-            raise RemoteCommandError(f"could not start the job's image '{image}' on the instance: {tail.strip()}",
-                                     exit_status=result.exit_status, output_tail=tail)
+            self._image_error(image, result)
+
+    @staticmethod
+    def _image_error(image: str, result: CommandResult) -> None:
+        tail = result.output_tail[-800:]
+        if "No such image" in tail or "pull access denied" in tail or "not found" in tail:
+            raise ConfigError(f"image '{image}' cannot be run on the instance: {tail.strip()}")
+        raise RemoteCommandError(f"could not start the job's image '{image}' on the instance: {tail.strip()}",
+                                 exit_status=result.exit_status, output_tail=tail)
 
     def remove_container(self) -> None:
         self.host.run(f"{self.docker} rm -f {self.name} >/dev/null 2>&1; true", timeout=60)

@@ -261,6 +261,14 @@ class Run:
             return f'export PATH={shlex.quote(self.path_prefix)}:"$PATH"; {command}'
         return command
 
+    def _time_left(self, phase: str) -> float:
+        """Seconds until the work deadline, for a call that takes a timeout; none left is
+        the job's deadline running out in ``phase``."""
+        left = self.work_deadline - time.monotonic()
+        if left <= 0:
+            raise self._timeout_error(phase, self.job.timeout, True, "no time left")
+        return left
+
     def _check_stop(self) -> None:
         if time.monotonic() > self.work_deadline:
             raise self._timeout_error(self._phase_name() or "run", self.job.timeout, True, "no time left")
@@ -397,9 +405,9 @@ class Run:
                 raise errors.RemoteCommandError(f"could not create the run directory {wd} on the instance: "
                                                 f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
             for local, target in uploads:
-                self.remote.put(local, target, timeout=600)
+                self.remote.put(local, target, timeout=self._time_left("upload"))
             if model_dir is not None:
-                self.remote.put(model_dir, f"{wd}/model", timeout=1800)
+                self.remote.put(model_dir, f"{wd}/model", timeout=self._time_left("upload"))
                 return f"{wd}/model"
         return ""
 
@@ -741,10 +749,9 @@ class Run:
                                                     f"{self.instance.id} ({self.provider_name})")
                         container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir,
                                                     self.run_id, docker=docker, user=user)
-                        lifetime = (self.state.expires_at - datetime.now(UTC)).total_seconds() if self.state else 3600
+                        expires_at = self.state.expires_at if self.state else datetime.now(UTC) + timedelta(hours=1)
                         container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
-                                                  lifetime_seconds=int(lifetime),
-                                                  timeout=max(60.0, self.work_deadline - time.monotonic()))
+                                                  expires_at=expires_at, timeout=self._time_left("image"))
                     self.remote = container
                 self._check_stop()
                 uploaded = self.upload(model_dir)

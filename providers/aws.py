@@ -83,6 +83,9 @@ __all__ = ["AWSProvider", "DLAMI_PARAMETER", "TAG_PREFIX", "from_tags", "resourc
 
 # Room for the job's image and the model weights when the launch spec gives no size.
 DEFAULT_DATA_GIB = 60
+# One API call, retries included, gives up after about CALL_SECONDS plus one read.
+CALL_SECONDS = 45.0
+READ_TIMEOUT_SECONDS = 30
 # A new instance can be missing from DescribeInstances for a moment after launch.
 NOT_FOUND_GRACE_SECONDS = 120
 # How often poll sends TerminateInstances again to an instance that is still alive.
@@ -107,7 +110,8 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
     needs_ssh_key: ClassVar[bool] = True
 
     def __init__(self, settings: Any = None, *, session: Any = None, retry_attempts: int = 6,
-                 retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0) -> None:
+                 retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0,
+                 call_seconds: float = CALL_SECONDS) -> None:
         if settings is None:
             from ephemera.settings import get_settings
 
@@ -118,6 +122,7 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
         self.retry_attempts = retry_attempts
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
+        self.call_seconds = call_seconds
         # (region, instance family) -> why it is skipped (a quota error seen this run).
         self.skipped_families: dict[tuple[str, str], str] = {}
         # Why spot cannot be used in this account, once RunInstances said so.
@@ -162,18 +167,21 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
             from botocore.config import Config
 
             config = Config(retries={"total_max_attempts": 1}, connect_timeout=10,
-                            read_timeout=60, user_agent_extra="ephemera")
+                            read_timeout=READ_TIMEOUT_SECONDS, user_agent_extra="ephemera")
             self._clients[key] = self.session.client(service, region_name=region, config=config)
         return self._clients[key]
 
     def _call_raw(self, service: str, region: str, operation: str, **params: Any) -> Any:
         """One API call, retried on throttling/5xx/connection errors with exponential
-        backoff and jitter. Other errors are raised as botocore raised them."""
+        backoff and jitter, for at most ``call_seconds`` in all (no call may hold a
+        teardown or a deadline for minutes). Other errors are raised as botocore raised
+        them."""
         from botocore.exceptions import BotoCoreError, ClientError
         from tenacity import (
             Retrying,
             retry_if_exception,
             stop_after_attempt,
+            stop_after_delay,
             wait_random_exponential,
         )
 
@@ -184,7 +192,7 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
 
         for attempt in Retrying(
             retry=retry_if_exception(transient),
-            stop=stop_after_attempt(max(1, self.retry_attempts)),
+            stop=stop_after_attempt(max(1, self.retry_attempts)) | stop_after_delay(self.call_seconds),
             wait=wait_random_exponential(multiplier=self.retry_base_seconds,
                                          max=self.retry_max_seconds),
             reraise=True,

@@ -425,3 +425,32 @@ def test_catalog_refresh_aws(aws, monkeypatch, tmp_path):
     assert [o.price_per_hour for o in aws.provider.offers(OfferRequest())] == [1.2345]
     shown = CliRunner().invoke(cli, ["catalog", "show", "aws"])
     assert shown.exit_code == 0 and "1.2345" in shown.output
+
+
+def test_one_call_with_its_retries_is_bounded_in_time(aws):
+    """Throttling that never ends: the call gives up after its time budget, not after
+    minutes of attempts (a teardown or a deadline must not wait on one call)."""
+    import time
+
+    from botocore.exceptions import ClientError
+    from ephemera_providers.aws import AWSProvider
+
+    from ephemera.errors import EphemeraError
+
+    provider = AWSProvider(retry_attempts=1000, retry_base_seconds=0.05, retry_max_seconds=0.2,
+                           call_seconds=1.5)
+    client = provider.client("ec2", "us-east-1")
+    calls = []
+
+    def throttle(**_kwargs):
+        calls.append(1)
+        raise ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "slow down"}},
+                          "DescribeInstances")
+
+    client.meta.events.register("before-call.ec2.DescribeInstances", throttle)
+    started = time.monotonic()
+    with pytest.raises(EphemeraError):
+        provider._call("ec2", "us-east-1", "describe_instances")
+    took = time.monotonic() - started
+    assert 1.5 <= took < 4, f"the call took {took:.1f}s"
+    assert len(calls) > 3   # it did retry while there was time
