@@ -37,9 +37,20 @@ class Reporter:
     def _stamp(self) -> str:
         return f"[{time.monotonic() - self.started:7.1f}s]"
 
-    def _emit(self, text: str) -> None:
+    @staticmethod
+    def _neutral(line: str) -> str:
+        """A line of text others wrote (suite or server output, log tails in messages)
+        cannot be a GitHub workflow command (``::error::``, ``::add-mask::``,
+        ``::stop-commands::``): one that would be is shown behind a marker."""
+        return f"| {line}" if line.lstrip().startswith("::") else line
+
+    def _emit(self, text: str, *, command: bool = False) -> None:
+        """Write ``text``; only its first line may be a workflow command, and only when
+        ephemera itself made it (``command``)."""
         if self.quiet:
             return
+        first, *rest = text.split("\n")
+        text = "\n".join([first if command else self._neutral(first), *map(self._neutral, rest)])
         with self._lock:
             if self._console is not None:
                 self._console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -52,14 +63,14 @@ class Reporter:
 
     def warn(self, message: str) -> None:
         if self.github:
-            self._emit(f"::warning::{message}")
+            self._emit(f"::warning::{message}", command=True)
         else:
             self._emit(f"{self._stamp()} warning: {message}")
 
     def error(self, message: str) -> None:
         if self.github:
             # Annotations are one line; the full text follows in the log.
-            self._emit(f"::error::{message.splitlines()[0] if message else ''}")
+            self._emit(f"::error::{message.splitlines()[0] if message else ''}", command=True)
         self._emit(f"{self._stamp()} error: {message}")
 
     def line(self, text: str, source: str = "") -> None:
@@ -101,11 +112,11 @@ class Reporter:
     def group(self, title: str):
         """A collapsible log group on GitHub Actions; a heading elsewhere."""
         if self.github:
-            self._emit(f"::group::{title}")
+            self._emit(f"::group::{title.splitlines()[0] if title else ''}", command=True)
         else:
             self.info(title)
         try:
             yield
         finally:
             if self.github:
-                self._emit("::endgroup::")
+                self._emit("::endgroup::", command=True)
