@@ -126,8 +126,9 @@ class ContainerRemote(ShellRemote):
     def put(self, local: Path, remote: str, *, timeout: float | None = None) -> None:
         self.host.put(local, remote, timeout=timeout)
 
-    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
-        return self.host.get(remote, local, timeout=timeout)
+    def get(self, remote: str, local: Path, *, timeout: float | None = None,
+            within: str | None = None, refused: list[str] | None = None) -> list[Path]:
+        return self.host.get(remote, local, timeout=timeout, within=within, refused=refused)
 
     def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
         return self.host.forward(remote_port, remote_host)  # host networking

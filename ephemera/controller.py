@@ -618,7 +618,10 @@ class Run:
                     self.reporter.warn(f"no time left to collect {remote_path}")
                     continue
                 try:
-                    got = self.remote.get(remote_path, local, timeout=left)
+                    refused: list[str] = []
+                    got = self.remote.get(remote_path, local, timeout=left, within=wd, refused=refused)
+                    for why in refused:
+                        self.reporter.warn(f"not collected: {why}")
                     if not got and not remote_path.endswith("/artifacts"):
                         self.reporter.warn(f"artifact {remote_path} was not found on the instance")
                 except Interrupted:

@@ -61,9 +61,16 @@ class Remote(Protocol):
         """Copy a file or a directory (recursively) to ``remote`` on the instance."""
         ...
 
-    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
+    def get(self, remote: str, local: Path, *, timeout: float | None = None,
+            within: str | None = None, refused: list[str] | None = None) -> list[Path]:
         """Copy a file, a directory or a glob from the instance into the directory
-        ``local``; return the local files written. Missing remote paths give []."""
+        ``local``; return the local files written. Missing remote paths give [].
+
+        What the instance holds is written by the job, which may be hostile: symbolic
+        links are never followed (neither the path itself nor anything inside a
+        directory), names that are not plain file names are skipped, and with
+        ``within`` a path whose real location is outside that directory is refused.
+        Each thing left out is described in ``refused``."""
         ...
 
     def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
@@ -72,6 +79,17 @@ class Remote(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def plain_name(name: str) -> bool:
+    """A file name from the instance that is safe to join to a local directory."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and "\\" not in name
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether the (already resolved) POSIX ``path`` is ``root`` or below it."""
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root + "/") or root == "/"
 
 
 def detached_command(command: str, *, cwd: str | None, log_file: str,

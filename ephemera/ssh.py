@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ephemera.errors import AuthError, InfraError, PhaseTimeoutError, TransientError
-from ephemera.remote import CommandResult, LineSink, ShellRemote
+from ephemera.remote import CommandResult, LineSink, ShellRemote, inside, plain_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import paramiko
@@ -578,20 +578,34 @@ class SSHRemote(ShellRemote):
                 sftp.put(str(local), remote)
                 sftp.chmod(remote, local.stat().st_mode & 0o777)
 
-    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
+    def get(self, remote: str, local: Path, *, timeout: float | None = None,
+            within: str | None = None, refused: list[str] | None = None) -> list[Path]:
         local = Path(local)
         local.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
+        refused = refused if refused is not None else []
         with self._transfer("download", timeout) as sftp:
+            root = sftp.normalize(within) if within else None
             for path in _sftp_glob(sftp, remote):
                 try:
-                    st = sftp.stat(path)
-                except FileNotFoundError:
+                    st = sftp.lstat(path)
+                    real = sftp.normalize(path)
+                except (FileNotFoundError, OSError):
                     continue
-                dest = local / posixpath.basename(path.rstrip("/"))
+                name = posixpath.basename(path.rstrip("/"))
+                if stat.S_ISLNK(st.st_mode or 0):
+                    refused.append(f"{path} is a symbolic link (to {real}): not followed")
+                    continue
+                if root is not None and not inside(real, root):
+                    refused.append(f"{path} is outside the run directory {within}: not copied")
+                    continue
+                if not plain_name(name):
+                    refused.append(f"{path}: not a plain file name")
+                    continue
+                dest = local / name
                 if stat.S_ISDIR(st.st_mode or 0):
-                    _sftp_get_tree(sftp, path, dest, written)
-                else:
+                    _sftp_get_tree(sftp, path, dest, written, refused)
+                elif stat.S_ISREG(st.st_mode or 0):
                     _sftp_get_file(sftp, path, dest, st.st_size)
                     written.append(dest)
         return written
@@ -666,13 +680,21 @@ def _sftp_get_file(sftp: paramiko.SFTPClient, remote: str, dest: Path, size: int
         part.unlink(missing_ok=True)
 
 
-def _sftp_get_tree(sftp: paramiko.SFTPClient, remote: str, dest: Path, written: list[Path]) -> None:
+def _sftp_get_tree(sftp: paramiko.SFTPClient, remote: str, dest: Path, written: list[Path],
+                   refused: list[str]) -> None:
+    """A directory, recursively: plain files and directories only (listings carry each
+    entry's own attributes, so a symbolic link is seen as one and left out)."""
     dest.mkdir(parents=True, exist_ok=True)
     for entry in sftp.listdir_attr(remote):
         src = posixpath.join(remote, entry.filename)
-        if stat.S_ISDIR(entry.st_mode or 0):
-            _sftp_get_tree(sftp, src, dest / entry.filename, written)
-        elif stat.S_ISREG(entry.st_mode or 0):
+        mode = entry.st_mode or 0
+        if not plain_name(entry.filename):
+            refused.append(f"{src}: not a plain file name")
+        elif stat.S_ISLNK(mode):
+            refused.append(f"{src} is a symbolic link: not followed")
+        elif stat.S_ISDIR(mode):
+            _sftp_get_tree(sftp, src, dest / entry.filename, written, refused)
+        elif stat.S_ISREG(mode):
             _sftp_get_file(sftp, src, dest / entry.filename, entry.st_size)
             written.append(dest / entry.filename)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ephemera.errors import ConfigError, PhaseTimeoutError, RemoteCommandError
-from ephemera.remote import CommandResult, LineSink, ShellRemote
+from ephemera.remote import CommandResult, LineSink, ShellRemote, inside
 
 TAIL_LINES = 60
 GLOB_CHARS = set("*?[]")
@@ -190,8 +190,11 @@ class DockerRemote(ShellRemote):
         if not ok:
             raise RemoteCommandError(f"docker refused the copy of {local} to {remote}")
 
-    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
-        """Copy a file, directory or glob from the container into the directory ``local``."""
+    def get(self, remote: str, local: Path, *, timeout: float | None = None,
+            within: str | None = None, refused: list[str] | None = None) -> list[Path]:
+        """Copy a file, directory or glob from the container into the directory ``local``:
+        plain files and directories only, never a symbolic link (see Remote.get)."""
+        refused = refused if refused is not None else []
         local = Path(local)
         local.mkdir(parents=True, exist_ok=True)
         if GLOB_CHARS & set(remote):
@@ -203,10 +206,20 @@ class DockerRemote(ShellRemote):
             paths = [remote] if exists.ok else []
         written: list[Path] = []
         for path in paths:
-            written += self._get_one(path, local, timeout)
+            if within:
+                q, r = shlex.quote(path), shlex.quote(within)
+                where = self.run(f"test -L {q} && echo link; readlink -f -- {q}; readlink -f -- {r}", timeout=60)
+                lines = where.output_tail.splitlines()
+                if lines[:1] == ["link"]:
+                    refused.append(f"{path} is a symbolic link: not followed")
+                    continue
+                if len(lines) >= 2 and not inside(lines[-2], lines[-1]):
+                    refused.append(f"{path} is outside the run directory {within}: not copied")
+                    continue
+            written += self._get_one(path, local, timeout, refused)
         return written
 
-    def _get_one(self, path: str, local: Path, timeout: float | None) -> list[Path]:
+    def _get_one(self, path: str, local: Path, timeout: float | None, refused: list[str]) -> list[Path]:
         import docker
 
         with tempfile.TemporaryFile() as buf:
@@ -224,8 +237,14 @@ class DockerRemote(ShellRemote):
             buf.seek(0)
             written = []
             with tarfile.open(fileobj=buf, mode="r") as tar:
-                members = tar.getmembers()
-                tar.extractall(local, filter="data")
+                members = []
+                for member in tar.getmembers():
+                    if member.isfile() or member.isdir():
+                        members.append(member)
+                    else:
+                        refused.append(f"{posixpath.join(posixpath.dirname(path), member.name)} "
+                                       "is not a plain file or directory (a link?): not copied")
+                tar.extractall(local, members=members, filter="data")
                 for member in members:
                     if member.isfile():
                         written.append(local / member.name)

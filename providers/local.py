@@ -39,7 +39,7 @@ from ephemera_providers._deadman import (
 from ephemera.catalog import MAX_COMPUTE_CAPABILITY
 from ephemera.errors import ConfigError, InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
-from ephemera.remote import CommandResult, LineSink, ShellRemote
+from ephemera.remote import CommandResult, LineSink, ShellRemote, inside
 from ephemera.settings import get_settings
 
 TAIL_LINES = 200
@@ -154,20 +154,28 @@ class LocalRemote(ShellRemote):
         else:
             shutil.copy2(src, dest)
 
-    def get(self, remote: str, local: Path, *, timeout: float | None = None) -> list[Path]:
+    def get(self, remote: str, local: Path, *, timeout: float | None = None,
+            within: str | None = None, refused: list[str] | None = None) -> list[Path]:
         local = Path(local)
         local.mkdir(parents=True, exist_ok=True)
+        refused = refused if refused is not None else []
+        root = os.path.realpath(self._path(within)) if within else None
         pattern = str(self._path(remote))
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         written: list[Path] = []
         for match in matches:
             src = Path(match)
+            if src.is_symlink():
+                refused.append(f"{src} is a symbolic link (to {os.path.realpath(src)}): not followed")
+                continue
+            if root is not None and not inside(os.path.realpath(src), root):
+                refused.append(f"{src} is outside the run directory {within}: not copied")
+                continue
             dest = local / src.name
             if src.is_dir():
-                shutil.copytree(src, dest, dirs_exist_ok=True)
-                written.extend(p for p in sorted(dest.rglob("*")) if p.is_file())
+                written += _copy_tree(src, dest, refused)
             elif src.is_file():
-                shutil.copy2(src, dest)
+                shutil.copyfile(src, dest)
                 written.append(dest)
         return written
 
@@ -178,6 +186,24 @@ class LocalRemote(ShellRemote):
 
     def close(self) -> None:
         return None
+
+
+def _copy_tree(src: Path, dest: Path, refused: list[str]) -> list[Path]:
+    """Plain files and directories below ``src``; symbolic links are left out (and named
+    in ``refused``), never followed."""
+    written: list[Path] = []
+    dest.mkdir(parents=True, exist_ok=True)
+    with os.scandir(src) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            path = Path(entry.path)
+            if entry.is_symlink():
+                refused.append(f"{path} is a symbolic link: not followed")
+            elif entry.is_dir(follow_symlinks=False):
+                written += _copy_tree(path, dest / entry.name, refused)
+            elif entry.is_file(follow_symlinks=False):
+                shutil.copyfile(path, dest / entry.name)
+                written.append(dest / entry.name)
+    return written
 
 
 def _killpg(pgid: int) -> None:

@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.docker_engine",
     "tests.fixtures.moto_server",
     "tests.fixtures.cpu_env",
+    "tests.fixtures.standin_targets",
 ]
 
 

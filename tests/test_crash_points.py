@@ -13,26 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.runlib import (
-    KeyInstaller,
-    RunProcess,
-    ephemera,
-    processes_of,
-    run_env,
-    wait_no_processes,
-    write_job,
-)
-
-STANDIN = Path(__file__).parent / "standin"
+from tests.fixtures.standin_targets import Target, end_vm_processes
+from tests.runlib import RunProcess, ephemera
 
 # Where SIGKILL lands, in the order a run reaches them.
 KILL_POINTS = ["state-launching", "provider.launch", "state-active", "boot", "health", "suite",
@@ -40,136 +26,6 @@ KILL_POINTS = ["state-launching", "provider.launch", "state-active", "boot", "he
 # Calls and writes that fail once (after doing their work: a lost reply).
 RAISE_POINTS = ["provider.launch", "provider.poll", "provider.connect", "provider.terminate",
                 "provider.find", "state-launching", "state-active", "state-tearing-down"]
-
-
-@dataclass
-class Target:
-    """One provider's job, environment, extra CLI arguments and leftover check."""
-
-    job: Path
-    env: dict[str, str]
-    args: tuple[str, ...]
-    leftovers: Callable[[str], list[str]]
-    after: Callable[[], None] = lambda: None
-
-
-def _job(tmp_path: Path, provider: str, *, image: str = "host", python: str = "/usr/bin/python3",
-         resources: dict | None = None) -> Path:
-    standin = tmp_path / "standin"
-    if not standin.exists():
-        shutil.copytree(STANDIN, standin)
-    return write_job(tmp_path, "local-cpu-smoke.yaml", {
-        "name": f"crash-{provider}",
-        "image": image,
-        "server": {"launcher": "api_server", "python": python, "args": [],
-                   "env": {"PYTHONPATH": "suite/standin"}, "health_timeout": "1m"},
-        "suite": {"files": ["standin"], "command": "echo suite-started", "timeout": "1m"},
-        "artifacts": [],
-        "resources": {"provider": provider, **(resources or {})},
-        "timeout": "5m",
-    })
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return run_env(EPHEMERA_STATE_DIR=str(tmp_path / "state"), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
-                   EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"),
-                   EPHEMERA_CONFIG=str(tmp_path / "none.toml"), **extra)
-
-
-def _processes(run_id: str) -> list[str]:
-    return [f"process {pid}: {cmd}" for pid, cmd in wait_no_processes(run_id, timeout=5)]
-
-
-def _keys(tmp_path: Path, run_id: str) -> list[str]:
-    keys = tmp_path / "state" / "keys" / run_id
-    return [f"key files {keys}"] if keys.exists() and any(keys.iterdir()) else []
-
-
-def _containers(run_id: str) -> list[str]:
-    import docker
-
-    client = docker.from_env()
-    try:
-        return [f"container {c.name}" for c in client.containers.list(
-            all=True, filters={"label": f"dev.ephemera.run-id={run_id}"})]
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def local_target(tmp_path):
-    def leftovers(run_id: str) -> list[str]:
-        workdir = tmp_path / "state" / "local" / run_id
-        return _processes(run_id) + ([f"directory {workdir}"] if workdir.exists() else [])
-
-    return Target(_job(tmp_path, "local", python=sys.executable), _env(tmp_path), (), leftovers)
-
-
-@pytest.fixture
-def docker_target(tmp_path, docker_engine, cpu_image):
-    def leftovers(run_id: str) -> list[str]:
-        return _containers(run_id) + _processes(run_id) + _keys(tmp_path, run_id)
-
-    job = _job(tmp_path, "docker", image="ephemera/cpu", python="python3",
-               resources={"docker": {"network": "host"}})
-    return Target(job, _env(tmp_path), (), leftovers)
-
-
-@pytest.fixture
-def ssh_target(tmp_path, docker_login_user):
-    login = docker_login_user
-    workroot = Path(login.workroot("crash"))
-    server = login.server
-    job = _job(tmp_path, "ssh", resources={"ssh": {
-        "host": server.host, "port": server.port, "user": server.user, "key": server.key_path,
-        "workroot": str(workroot)}})
-
-    def leftovers(run_id: str) -> list[str]:
-        workdir = workroot / run_id
-        return _processes(run_id) + ([f"directory {workdir}"] if workdir.exists() else [])
-
-    yield Target(job, _env(tmp_path), (), leftovers)
-    shutil.rmtree(workroot, ignore_errors=True)
-
-
-@pytest.fixture
-def aws_target(tmp_path, aws_env, docker_login_user):
-    import boto3
-
-    login = docker_login_user
-    workroot = login.workroot("crash-aws")
-    authorized = login.home / ".ssh" / "authorized_keys"
-    before = authorized.read_text()
-    installer = KeyInstaller(tmp_path / "state", authorized)
-    installer.start()
-    catalog = tmp_path / "cpu-catalog.csv"
-    catalog.write_text("provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,"
-                       "price_per_hour\naws,c7i.xlarge,us-west-2,,0,0,4,8,0.1785\n")
-    job = _job(tmp_path, "aws", resources={"regions": ["us-west-2"],
-                                           "aws": {"ssh_user": login.server.user}})
-
-    def leftovers(run_id: str) -> list[str]:
-        out = _keys(tmp_path, run_id)
-        for region in ("us-west-2", "us-east-1"):
-            ec2 = boto3.client("ec2", region_name=region)
-            out += [f"security group {g['GroupName']}" for g in ec2.describe_security_groups()["SecurityGroups"]
-                    if g["GroupName"] != "default"]
-            out += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs()["KeyPairs"]]
-            out += [f"instance {i['InstanceId']} ({i['State']['Name']})"
-                    for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
-                    if i["State"]["Name"] not in ("terminated", "shutting-down")]
-        return out
-
-    def after() -> None:
-        # The "VM" is this machine: what terminating it would end, the test ends.
-        installer.stop.set()
-        installer.join(timeout=5)
-        authorized.write_text(before)
-        shutil.rmtree(workroot, ignore_errors=True)
-
-    env = _env(tmp_path, EPHEMERA_SSH_WORKROOT=workroot)
-    yield Target(job, env, ("--catalog", str(catalog)), leftovers, after)
-    after()
 
 
 TARGETS = ["local_target", "docker_target", "ssh_target", "aws_target"]
@@ -180,14 +36,6 @@ def _run_with_fault(target: Target, fault: str) -> tuple[int, dict | None, str, 
     code, result = run.finish(timeout=240)
     run_id = result["run_id"] if result else run.run_id()
     return code, result, run.stderr, run_id
-
-
-def _end_vm_processes(run_id: str) -> None:
-    """For aws only: the instance is gone in moto, the processes on this stand-in VM are
-    not; end them as a terminated VM would."""
-    for pid, _ in processes_of(run_id):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("target_name", TARGETS)
@@ -204,7 +52,7 @@ def test_sigkill_at_every_step_then_down_leaves_nothing(request, target_name):
         if down.returncode != 0:
             failures.append(f"{point}: down --all exited {down.returncode}: {down.stderr[-1500:]}")
         if target_name == "aws_target":
-            _end_vm_processes(run_id)
+            end_vm_processes(run_id)
         left = target.leftovers(run_id)
         if left:
             failures.append(f"{point}: left after down --all: {left}; down said: {down.stderr[-800:]}")
@@ -226,7 +74,7 @@ def test_each_call_and_state_write_failing_once_leaves_nothing(request, target_n
         if down.returncode != 0:
             failures.append(f"{point}: down --all exited {down.returncode}: {down.stderr[-1500:]}")
         if target_name == "aws_target":
-            _end_vm_processes(run_id)
+            end_vm_processes(run_id)
         left = target.leftovers(run_id)
         if left:
             failures.append(f"{point}: left after the run and down --all: {left}")
@@ -285,7 +133,7 @@ def test_sigint_with_a_frozen_peer_terminates_the_instance_at_once(aws_target, s
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-        _end_vm_processes(run_id)
+        end_vm_processes(run_id)
     assert ended is not None, f"the instance was not terminated within 60 s of SIGINT:\n{run.stderr[-3000:]}"
     print(f"sigint-to-terminate-seconds {ended:.3f}")   # read by benchmarks/bench_sigint.py
     assert ended < 9, f"TerminateInstances went out {ended:.1f}s after SIGINT:\n{run.stderr[-3000:]}"
