@@ -19,7 +19,12 @@ from pydantic import (
     field_validator,
 )
 
-from ephemera.durations import format_duration, parse_duration
+from ephemera.durations import (
+    MAX_JOB_SECONDS,
+    format_job_duration,
+    parse_duration,
+    parse_job_duration,
+)
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 
@@ -31,19 +36,27 @@ BUILTIN_TINY_MODEL = "ephemera/tiny-llama"
 
 Duration = Annotated[
     float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
+    BeforeValidator(parse_job_duration),
+    PlainSerializer(format_job_duration, return_type=str),
     WithJsonSchema({
         "anyOf": [
             {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?h)?(\d+(\.\d+)?m)?(\d+(\.\d+)?s)?\s*$|^\d+$"},
-            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "number", "minimum": 0.001, "maximum": MAX_JOB_SECONDS},
         ],
-        "description": "A duration: 90s, 20m, 1h30m, or seconds as a number.",
+        "description": "A duration: 90s, 20m, 1h30m, or seconds as a number; at most 168h.",
     }),
 ]
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# Bounds on counts, from what vLLM and the providers accept.
+MAX_TENSOR_PARALLEL = 64       # GPUs one model is split over
+MAX_NUM_SEQS = 65_536          # requests vLLM schedules at once
+MAX_PRICE_PER_HOUR = 1_000.0   # USD; the largest cloud GPU machines cost about a tenth of it
+MAX_DISK_GIB = 16_000          # an EBS gp3 volume holds at most 16 TiB, the image included
+MAX_TIERS = 20
+MAX_DECLARED_GPUS = 64
 
 
 class Strict(BaseModel):
@@ -82,8 +95,9 @@ class ServerSpec(Strict):
     port: int | None = Field(None, ge=1, le=65535, description=(
         "Port vLLM listens on (on the instance's loopback). Default: a free port on machines "
         "shared with other runs (local, ssh, docker host network), else 8000."))
-    max_num_seqs: int | None = Field(None, gt=0)
-    tensor_parallel_size: int | None = Field(None, gt=0, description="Force a TP size (default: the plan's).")
+    max_num_seqs: int | None = Field(None, gt=0, le=MAX_NUM_SEQS)
+    tensor_parallel_size: int | None = Field(None, gt=0, le=MAX_TENSOR_PARALLEL,
+                                             description="Force a TP size (default: the plan's).")
     launcher: Literal["auto", "vllm", "api_server"] = Field("auto", description=(
         "'vllm' runs `vllm serve`; 'api_server' runs `python -m vllm.entrypoints.openai.api_server` "
         "(the CPU build); 'auto' picks api_server for the built-in CPU image."))
@@ -110,7 +124,7 @@ class SSHTarget(Strict):
     user: str = "root"
     key: str | None = Field(None, description="Private key file.")
     workroot: str = "/tmp/ephemera"
-    gpus: list[dict[str, Any]] | None = Field(None, description="Declared GPUs when the host has no nvidia-smi.")
+    gpus: list[dict[str, Any]] | None = Field(None, max_length=MAX_DECLARED_GPUS, description="Declared GPUs when the host has no nvidia-smi.")
 
 
 class DockerOptions(Strict):
@@ -130,13 +144,13 @@ class AWSOptions(Strict):
 
 class ResourcesSpec(Strict):
     provider: str | None = Field(None, description="aws | docker | ssh | local | any registered plugin (default: setting).")
-    max_price_per_hour: float | None = Field(None, gt=0)
+    max_price_per_hour: float | None = Field(None, gt=0, le=MAX_PRICE_PER_HOUR)
     spot: bool = False
     spot_fallback: bool = Field(True, description="Fall back to on-demand when spot has no capacity.")
     gpu: str | None = Field(None, description="Require this GPU model (e.g. L40S).")
     instance_type: str | None = None
     regions: list[str] = Field(default_factory=list)
-    disk_gib: int | None = Field(None, gt=0)
+    disk_gib: int | None = Field(None, gt=0, le=MAX_DISK_GIB)
     boot_timeout: Duration = Field(default=parse_duration("15m"))
     tags: dict[str, str] = Field(default_factory=dict, description="Extra labels/tags on every resource.")
     ssh: SSHTarget | None = None
@@ -156,7 +170,8 @@ class Job(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     env: dict[str, str] = Field(default_factory=dict, description="Environment for the server and the suite.")
     timeout: Duration = Field(default=parse_duration("60m"), description="Deadline for the whole run, teardown included.")
-    tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named overrides, deep-merged over the base.")
+    tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, max_length=MAX_TIERS,
+                                             description="Named overrides, deep-merged over the base.")
 
     _env_names = field_validator("env")(_check_env)
 

@@ -8,6 +8,7 @@ The schema itself is in ``ephemera.job``.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -18,11 +19,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from ephemera.errors import ConfigError
-from ephemera.job import Job
+from ephemera.job import MAX_TIERS, Job
 
 Path_ = tuple[str | int, ...]
 
+# Bounds on what a job file may hold. A real one has a few dozen values, a few levels
+# deep; these stop YAML aliases (each repeats its anchor's whole value) and nesting
+# from turning a small file into gigabytes or a stack overflow.
 MAX_JOB_FILE_BYTES = 1_000_000
+MAX_DEPTH = 32
+MAX_VALUES = 10_000
+MAX_TEXT_CHARS = 2_000_000
+MAX_SHOWN_PROBLEMS = 50
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -52,7 +61,9 @@ class JobFileError(ConfigError):
     def __init__(self, filename: str, problems: list[Problem]) -> None:
         self.filename = filename
         self.problems = problems
-        lines = [p.render(filename) for p in problems]
+        lines = [p.render(filename) for p in problems[:MAX_SHOWN_PROBLEMS]]
+        if len(problems) > MAX_SHOWN_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_SHOWN_PROBLEMS} more")
         count = f"{len(problems)} error{'s' if len(problems) != 1 else ''}"
         super().__init__(f"{filename}: {count}\n" + "\n".join("  " + line for line in lines))
 
@@ -103,13 +114,124 @@ def _read_text(path: Path) -> str:
     return text
 
 
+def _clip(text: str, limit: int = 300) -> str:
+    """Messages quote the file: keep a huge value from filling the terminal."""
+    return text if len(text) <= limit else text[: limit - 20] + " ... " + text[-15:]
+
+
+class _Refused(Exception):
+    """A value the loader will not build, with where it starts in the file."""
+
+    def __init__(self, mark: Any, path: list[str | int], message: str) -> None:
+        super().__init__(message)
+        self.line = mark.line + 1 if mark is not None else None
+        self.column = mark.column + 1 if mark is not None else None
+        self.path = ".".join(str(p) for p in path)
+        self.message = message
+
+
+@functools.cache
+def _bounded_loader_classes() -> tuple[type, type]:
+    """A composer that counts values as aliases expand them and refuses deep nesting,
+    and a constructor that turns a scalar it cannot convert into a positioned error."""
+    from ruamel.yaml.composer import Composer
+    from ruamel.yaml.constructor import RoundTripConstructor
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.events import AliasEvent
+    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+
+    class BoundedComposer(Composer):
+        def compose_document(self) -> Any:
+            self._values = self._chars = 0
+            self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> expanded (values, chars)
+            self._path: list[str | int] = []
+            return super().compose_document()
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.parser.peek_event()
+            step = self._step(parent, index)
+            if step is not None:
+                self._path.append(step)
+            try:
+                if isinstance(event, AliasEvent):
+                    return self._alias(parent, index, event)
+                return self._value(parent, index, event)
+            finally:
+                if step is not None:
+                    self._path.pop()
+
+        @staticmethod
+        def _step(parent: Any, index: Any) -> str | int | None:
+            if isinstance(parent, SequenceNode):
+                return index
+            if isinstance(parent, MappingNode):
+                if index is None:
+                    return "<key>"
+                return str(index.value) if isinstance(index, ScalarNode) else "?"
+            return None
+
+        def _alias(self, parent: Any, index: Any, event: Any) -> Any:
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise _Refused(event.start_mark, self._path,
+                               f"alias *{event.anchor} refers to a value that contains it")
+            self._count(*size, event.start_mark, event.anchor)
+            return node
+
+        def _value(self, parent: Any, index: Any, event: Any) -> Any:
+            if len(self._path) > MAX_DEPTH:
+                raise _Refused(event.start_mark, self._path[:4],
+                               f"nested deeper than {MAX_DEPTH} levels (a job file needs a few)")
+            values, chars = self._values, self._chars
+            self._count(1, 0, event.start_mark, None)
+            node = super().compose_node(parent, index)
+            if isinstance(node, ScalarNode):
+                self._count(0, len(node.value), event.start_mark, None)
+                if _SURROGATE.search(node.value):
+                    raise _Refused(event.start_mark, self._path,
+                                   "an escape such as \\ud800 stands for half of a UTF-16 pair, "
+                                   "not a character: write the character itself or \\U0001F600")
+            self._sizes[id(node)] = (self._values - values, self._chars - chars)
+            return node
+
+        def _count(self, values: int, chars: int, mark: Any, alias: str | None) -> None:
+            self._values += values
+            self._chars += chars
+            if self._values <= MAX_VALUES and self._chars <= MAX_TEXT_CHARS:
+                return
+            what = (f"more than {MAX_VALUES} values" if self._values > MAX_VALUES
+                    else f"more than {MAX_TEXT_CHARS} characters of text")
+            message = f"the file holds {what}"
+            if alias is not None:
+                message += (f" once alias *{alias} is expanded (it repeats {values} values "
+                            f"and {chars} characters)")
+            raise _Refused(mark, self._path, message + "; a job file is smaller than that")
+
+    class CheckedConstructor(RoundTripConstructor):
+        def construct_non_recursive_object(self, node: Any, tag: str | None = None) -> Any:
+            try:
+                return super().construct_non_recursive_object(node, tag)
+            except (YAMLError, _Refused):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a tag's converter on text it cannot take
+                raise _Refused(node.start_mark, [],
+                               f"cannot read this value as {_clip(str(node.tag), 60)}: "
+                               f"{type(exc).__name__}: {_clip(str(exc), 120)}") from None
+
+    return BoundedComposer, CheckedConstructor
+
+
 def _parse_yaml(text: str, name: str) -> Any:
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
     yaml = YAML(typ="rt")
+    yaml.Composer, yaml.Constructor = _bounded_loader_classes()
     try:
         return yaml.load(text)
+    except _Refused as exc:
+        raise JobFileError(name, [Problem(exc.line, exc.column, exc.path, exc.message)]) from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         parts = (exc.problem, exc.context)
@@ -119,6 +241,7 @@ def _parse_yaml(text: str, name: str) -> Any:
         if "duplicate key" in str(exc):
             what = str(exc).split("\n")[-1].strip() or what
             what = next((ln.strip() for ln in str(exc).splitlines() if "duplicate key" in ln), what)
+        what = _clip(what)
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         start = exc.context_mark
@@ -127,7 +250,10 @@ def _parse_yaml(text: str, name: str) -> Any:
             what += f" (started at line {start.line + 1}, column {start.column + 1})"
         raise JobFileError(name, [Problem(line, col, "", f"YAML syntax error: {what}")]) from None
     except YAMLError as exc:
-        raise JobFileError(name, [Problem(None, None, "", f"YAML error: {exc}")]) from None
+        raise JobFileError(name, [Problem(None, None, "", f"YAML error: {_clip(str(exc))}")]) from None
+    except Exception as exc:  # noqa: BLE001 - ruamel on input it was not made for
+        raise JobFileError(name, [Problem(None, None, "", f"cannot read the YAML: "
+                                          f"{type(exc).__name__}: {_clip(str(exc))}")]) from None
 
 
 def _first_content_line(text: str) -> int:
@@ -238,6 +364,16 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _check_tier_count(raw: dict[str, Any], locations: Mapping[Path_, tuple[int, int]],
+                      name: str) -> None:
+    """Each tier is checked as a whole job: refuse a number of them that no one writes."""
+    tiers = raw.get("tiers")
+    if isinstance(tiers, dict) and len(tiers) > MAX_TIERS:
+        line, col = locations.get(("tiers",), (None, None))
+        raise JobFileError(name, [Problem(line, col, "tiers",
+                                          f"at most {MAX_TIERS} tiers, found {len(tiers)}")])
 
 
 def _apply_tier(data: dict[str, Any], tier: str, locations: dict[Path_, tuple[int, int]],
@@ -385,8 +521,14 @@ def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
                f"unknown provider '{job.resources.provider}' (registered: {', '.join(known) or 'none'})")
     for index, entry in enumerate(job.suite.files):
         candidate = (base_dir / entry) if not os.path.isabs(entry) else Path(entry)
-        if not candidate.exists():
-            at(("suite", "files", index), f"'{entry}' does not exist (looked for {candidate})")
+        try:
+            found = candidate.exists()
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+            at(("suite", "files", index), f"'{_clip(entry, 60)}' is not a usable path ({exc})")
+            continue
+        if not found:
+            at(("suite", "files", index),
+               f"'{_clip(entry, 200)}' does not exist (looked for {_clip(str(candidate), 300)})")
     return problems
 
 
@@ -409,8 +551,11 @@ def _resolve_local_model(job: Job, base_dir: Path) -> Job:
     model_id = job.model.id
     if os.path.isabs(model_id) or model_id.startswith("ephemera/"):
         return job
-    candidate = (base_dir / model_id).resolve()
-    if not (candidate / "config.json").is_file():
+    try:
+        candidate = (base_dir / model_id).resolve()
+        if not (candidate / "config.json").is_file():
+            return job
+    except (OSError, ValueError):  # not a path at all (too long, a NUL byte): a hub id
         return job
     served = job.model.served_name or candidate.name
     model = job.model.model_copy(update={"id": str(candidate), "served_name": served})
@@ -432,6 +577,7 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     if not isinstance(raw, dict):
         line = _first_content_line(text)
         raise JobFileError(name, [Problem(line, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
+    _check_tier_count(raw, locations, name)
 
     env_problems: list[tuple[Path_, str]] = []
     data = expand_env(raw, os.environ if env is None else env, (), env_problems)

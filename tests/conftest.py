@@ -4,6 +4,22 @@ one module per component, and are loaded here as plugins."""
 import os
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+# Property-based tests of the input readers (tests/test_hostile_*.py). "ci" is the
+# default: a fixed, modest budget and the same examples every run. "long"
+# (HYPOTHESIS_PROFILE=long, as benchmarks/bench_fuzz.py runs it) tries many more,
+# EPHEMERA_FUZZ_EXAMPLES per property. The readers' own time bound replaces
+# hypothesis's per-example deadline, which is too tight for a busy CI machine.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+hypothesis_settings.register_profile(
+    "ci", max_examples=40, derandomize=True, deadline=None, database=None,
+    suppress_health_check=_QUIET, print_blob=True)
+hypothesis_settings.register_profile(
+    "long", max_examples=int(os.environ.get("EPHEMERA_FUZZ_EXAMPLES", "2000")),
+    deadline=None, database=None, suppress_health_check=_QUIET, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 pytest_plugins = [
     "tests.fixtures.common",
