@@ -18,6 +18,7 @@ Hub failures never escape as tracebacks: a missing or gated repo is a ConfigErro
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,29 @@ TINY_MODEL_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
+
+# A config.json from the hub is data someone else wrote. Every size the estimator
+# reads must be a whole number in these bounds: each lies far above any published
+# model (hidden 16384, 126 layers, 256k vocab, 10M context) yet low enough that the
+# estimate stays a finite figure computed in milliseconds. (field: (least, most))
+MAX_CONFIG_BYTES = 16 * 2**20
+_SIZES: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model"), (1, 2**18)),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers"), (1, 4096)),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads",
+                     "multi_query_group_num"), (1, 2**14)),
+    "head_dim": (1, 2**16),
+    **dict.fromkeys(("vocab_size", "padded_vocab_size"), (1, 2**24)),
+    **dict.fromkeys(("intermediate_size", "ffn_hidden_size"), (1, 2**22)),
+    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size"), (0, 2**22)),
+    "max_position_embeddings": (1, 2**28),
+    **dict.fromkeys(("num_experts", "num_local_experts", "num_experts_per_tok"), (0, 2**14)),
+    "decoder_sparse_step": (0, 4096),
+}
+_VISION_SIZES = {"hidden_size": (0, 2**18), "intermediate_size": (0, 2**22),
+                 "num_hidden_layers": (0, 4096), "depth": (0, 4096)}
+_QUANT_SIZES = {"bits": (1, 32), "w_bit": (1, 32), "num_bits": (1, 32),
+                "group_size": (-1, 2**20), "q_group_size": (-1, 2**20)}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT])\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
@@ -84,21 +108,137 @@ def resolve_model_dir(model_id: str) -> Path | None:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse one config.json, with errors that name the file."""
+    """Parse one config.json, with errors that name the file, and check the sizes the
+    estimator reads (:func:`check_config`)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"model config {path} is larger than "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB: not a config.json.")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"model config {path} does not exist.",
                           hint="A local model directory must hold the model's config.json.") from None
     except OSError as exc:
         raise ConfigError(f"cannot read model config {path}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (at byte {exc.start}).") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}).") from None
+    except (ValueError, RecursionError) as exc:  # a number of 5,000 digits; nesting
+        raise ConfigError(f"{path}: not a usable JSON document ({type(exc).__name__}: "
+                          f"{str(exc)[:120]}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}.")
+    check_config(data, str(path))
     return data
+
+
+def check_config(config: dict[str, Any], where: str) -> None:
+    """Refuse a config whose sizes the estimator cannot use: each must be a whole
+    number within its bound in ``_SIZES`` (a hidden size of 10**30 or zero attention
+    heads is an error naming the field, not an estimate)."""
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ConfigError(f"{where}: text_config must be an object, found {_kind(text)}.")
+    for prefix, holder in (("", config), ("text_config.", text or {})):
+        _check_sizes(holder, _SIZES, where, prefix)
+        _check_types(holder, where, prefix)
+        _check_vision(holder.get("vision_config"), where, prefix)
+        _check_quantization(holder.get("quantization_config"), where, prefix)
+    _check_heads({**config, **(text or {})}, where)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return f"a number of {len(str(abs(value)))} digits"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return {dict: "an object", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _whole(value: Any, name: str, bounds: tuple[int, int], where: str) -> int:
+    least, most = bounds
+    whole = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if not whole or not least <= value <= most:
+        raise ConfigError(f"{where}: {name} must be a whole number from {least} to {most}, "
+                          f"found {_kind(value)}.")
+    return int(value)
+
+
+def _check_sizes(config: dict[str, Any], sizes: dict[str, tuple[int, int]], where: str,
+                 prefix: str, required: tuple[str, ...] = ()) -> None:
+    """Each size present must be in bounds; ``required`` ones may not be null either."""
+    for name, bounds in sizes.items():
+        value = config.get(name)
+        if value is not None or (name in required and name in config):
+            _whole(value, prefix + name, bounds, where)
+
+
+def _check_types(config: dict[str, Any], where: str, prefix: str) -> None:
+    """The fields besides sizes that the estimator reads."""
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"{where}: {prefix}architectures must be a list of names, "
+                          f"found {_kind(architectures)}.")
+    for name in ("model_type", "torch_dtype", "dtype"):
+        value = config.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: {prefix}{name} must be a string, found {_kind(value)}.")
+    layers = config.get("mlp_only_layers")
+    if layers is not None and not (isinstance(layers, list) and len(layers) <= 4096 and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in layers)):
+        raise ConfigError(f"{where}: {prefix}mlp_only_layers must be a list of layer numbers.")
+    factor = config.get("partial_rotary_factor")
+    if factor is not None and not (isinstance(factor, int | float) and not isinstance(factor, bool)
+                                   and 0 < factor <= 1):
+        raise ConfigError(f"{where}: {prefix}partial_rotary_factor must be a number in (0, 1], "
+                          f"found {_kind(factor)}.")
+
+
+def _check_heads(config: dict[str, Any], where: str) -> None:
+    """Attention heads must each get some of the hidden size."""
+    hidden = next((config[n] for n in ("hidden_size", "n_embd", "d_model") if config.get(n)), None)
+    heads = next((config[n] for n in ("num_attention_heads", "n_head") if config.get(n)), None)
+    if hidden and heads and config.get("head_dim") is None and hidden < heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is smaller than num_attention_heads "
+                          f"{heads}, so a head has no width (and head_dim is not given).")
+
+
+def _check_vision(vision: Any, where: str, prefix: str) -> None:
+    if vision is None:
+        return
+    if not isinstance(vision, dict):
+        raise ConfigError(f"{where}: {prefix}vision_config must be an object, found {_kind(vision)}.")
+    _check_sizes(vision, _VISION_SIZES, where, prefix + "vision_config.")
+
+
+def _check_quantization(qc: Any, where: str, prefix: str) -> None:
+    name = prefix + "quantization_config"
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ConfigError(f"{where}: {name} must be an object, found {_kind(qc)}.")
+    _check_sizes(qc, _QUANT_SIZES, where, name + ".",
+                 required=("bits", "w_bit", "group_size", "q_group_size"))
+    groups = qc.get("config_groups")
+    if groups is None:
+        return
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) or g is None for g in groups.values()):
+        raise ConfigError(f"{where}: {name}.config_groups must be an object of objects.")
+    for key, group in groups.items():
+        weights = (group or {}).get("weights")
+        if weights is not None and not isinstance(weights, dict):
+            raise ConfigError(f"{where}: {name}.config_groups.{key}.weights must be an object.")
+        _check_sizes(weights or {}, _QUANT_SIZES, where, f"{name}.config_groups.{key}.weights.",
+                     required=("num_bits",))
 
 
 def load_model(model_id: str, *, revision: str | None = None, metadata: bool = True) -> ModelInfo:
