@@ -11,15 +11,20 @@ import getpass
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+MAX_CONFIG_FILE_BYTES = 1_000_000
+MAX_SETTING_CHARS = 4096
+MAX_GRACE_SECONDS = 86_400.0
 
 
 def _config_file() -> Path:
@@ -40,7 +45,8 @@ def _default_owner() -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EPHEMERA_", extra="forbid")
+    # An empty EPHEMERA_* variable counts as unset (its default applies).
+    model_config = SettingsConfigDict(env_prefix="EPHEMERA_", extra="forbid", env_ignore_empty=True)
 
     state_dir: Path = Field(
         default_factory=lambda: Path(platformdirs.user_state_dir("ephemera")),
@@ -58,7 +64,7 @@ class Settings(BaseSettings):
     artifacts_dir: Path = Field(default=Path("ephemera-runs"), description="Where runs' artifacts are pulled to.")
     default_provider: str = Field(default="local", description="Provider when the job names none.")
     owner: str = Field(default_factory=_default_owner, description="Written into every instance's owner label.")
-    expiry_grace_seconds: float = Field(default=300.0, ge=0, description=(
+    expiry_grace_seconds: float = Field(default=300.0, ge=0, le=MAX_GRACE_SECONDS, description=(
         "How long past the job's deadline an instance may live before its dead-man switch ends it."))
     # AWS
     aws_region: str | None = Field(default=None, description="Default AWS region (else the AWS chain's).")
@@ -72,10 +78,30 @@ class Settings(BaseSettings):
     aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
     # SSH provider
     ssh_host: str | None = None
-    ssh_port: int = 22
+    ssh_port: int = Field(default=22, ge=1, le=65535)
     ssh_user: str = "root"
     ssh_key: Path | None = None
     ssh_workroot: str = "/tmp/ephemera"
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: leave the setting out to get its default")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _plain_text(cls, value: Any) -> Any:
+        """Names and paths end up in file names, labels and command lines."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str | Path):
+                text = str(item)
+                if "\x00" in text:
+                    raise ValueError("contains a NUL character")
+                if len(text) > MAX_SETTING_CHARS:
+                    raise ValueError(f"is {len(text)} characters long; at most {MAX_SETTING_CHARS}")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -102,12 +128,44 @@ def _cached() -> Settings:
     return Settings()
 
 
-def get_settings() -> Settings:
-    """The settings of this process (read once). Raises ConfigError when invalid."""
-    from pydantic import ValidationError
+def _check_config_file(path: Path) -> None:
+    """The settings file, when there is one, must be a small UTF-8 TOML document:
+    say what is wrong with it (and where) before the settings library reads it."""
+    import tomllib
 
     from ephemera.errors import ConfigError
 
+    try:
+        if not path.exists():
+            return
+        if not path.is_file():
+            raise ConfigError(f"settings file {path} is not a file.")
+        if path.stat().st_size > MAX_CONFIG_FILE_BYTES:
+            raise ConfigError(f"settings file {path} is larger than {MAX_CONFIG_FILE_BYTES} bytes.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror or exc}.") from None
+    try:
+        tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"settings file {path} line {line}: not UTF-8 text.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {path} is not valid TOML: {exc}.") from None
+    except RecursionError:
+        raise ConfigError(f"settings file {path} nests arrays or tables too deeply.") from None
+
+
+def get_settings() -> Settings:
+    """The settings of this process (read once). Raises ConfigError when invalid."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from ephemera.errors import ConfigError
+
+    if _cached.cache_info().currsize:
+        return _cached()
+    _check_config_file(_config_file())
     try:
         return _cached()
     except ValidationError as exc:
@@ -116,6 +174,9 @@ def get_settings() -> Settings:
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings ({_config_file()} or environment): {problems}") from None
+    except SettingsError as exc:  # an environment value that is not the JSON a list needs
+        raise ConfigError(f"invalid settings ({_config_file()} or environment): {exc}; "
+                          "a list is written as JSON, e.g. '[\"us-east-1\"]'") from None
 
 
 def reset_settings() -> None:
