@@ -95,7 +95,7 @@ class ContainerRemote(ShellRemote):
         gpu_flag = "--gpus all " if gpus > 0 else ""
         cmd = (f"{self.docker} rm -f {self.name} >/dev/null 2>&1; "
                f"{self.docker} run -d --rm --name {self.name} {gpu_flag}{self.user_flags()}"
-               "--network host --ipc host "
+               "--network host --ipc host --security-opt no-new-privileges "
                f"--shm-size {shm_size} -v {shlex.quote(self.workdir)}:{shlex.quote(self.workdir)} "
                f"--label dev.ephemera.run-id={shlex.quote(self.run_id)} "
                f"--entrypoint sleep {q} {lifetime}")

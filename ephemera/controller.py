@@ -535,6 +535,7 @@ class Run:
             docker = container.docker_for(env) if container else "docker"
             user = container.user_flags() if container else ""
             command = (f"{docker} run --rm --name ephemera-{self.run_id}-suite --network host "
+                       "--security-opt no-new-privileges "
                        f"--label dev.ephemera.run-id={self.run_id} {user}{names} -v {wd}:{wd} "
                        f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(self.job.suite.image)} "
                        f"-c {shlex.quote(command)}")

@@ -205,6 +205,8 @@ class DockerProvider:
             "auto_remove": True,
             "detach": True,
             "environment": dict(spec.env),
+            # The job's code cannot gain privileges inside (setuid binaries, file caps).
+            "security_opt": ["no-new-privileges"],
         }
         if opts.get("ipc") == "host":
             kwargs["ipc_mode"] = "host"

@@ -386,3 +386,15 @@ def test_gpu_offers_come_from_nvidia_smi(contract_docker, tmp_path, monkeypatch)
     assert [(o.gpu, o.gpu_count) for o in offers] == [("NVIDIA L4", 1), ("NVIDIA L4", 2)]
     assert offers[0].gpu_memory_gib == 22.5 and offers[0].price_per_hour == 0.0
     assert contract_docker.provider.offers(OfferRequest(gpu="H100")) == []
+
+
+@pytest.mark.timeout(120)
+def test_job_container_cannot_gain_privileges(contract_docker):
+    provider = contract_docker.provider
+    instance = provider.launch(contract_docker.make_spec("docker-nonewprivs-1"))
+    try:
+        remote = provider.connect(instance)
+        status = remote.run("grep NoNewPrivs /proc/self/status", timeout=30)
+        assert status.ok and status.output_tail.split()[-1] == "1", status.output_tail
+    finally:
+        provider.terminate(instance)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
     job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"},
                         "suite": {"image": "ephemera/cpu:latest",
                                   "command": "test -f /.dockerenv && echo suite-in-a-container; "
-                                             "echo \"suite-uid=$(id -u)\"; "
+                                             "echo \"suite-uid=$(id -u)\"; grep NoNewPrivs /proc/self/status; "
                                              "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
                                              "--junitxml=junit.xml"}}, login=login)
     uid = pwd.getpwnam(login.server.user).pw_uid
@@ -135,6 +136,7 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
     assert 'tests="5"' in (artifacts / "junit.xml").read_text()
     suite_log = (artifacts / "suite.log").read_text()
     assert "suite-in-a-container" in suite_log and f"suite-uid={uid}" in suite_log
+    assert re.search(r"NoNewPrivs:\s+1", suite_log), "the suite's container may gain privileges"
     import docker
 
     client = docker.from_env()
