@@ -11,7 +11,6 @@ the job from another process if this one is killed outright.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -34,6 +33,7 @@ from ephemera.errors import (
 from ephemera.faults import fault_point, wrap_provider
 from ephemera.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL, Job
 from ephemera.jobfile import LoadedJob
+from ephemera.masking import job_masker
 from ephemera.progress import Reporter
 from ephemera.provider import (
     Instance,
@@ -50,7 +50,6 @@ from ephemera.state import RunState, save_state
 
 # Providers whose instance runs the job's image itself (no container inside).
 _IMAGE_PROVIDERS = {"docker", "local"}
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.I)
 SERVER_LOG_TAIL = 50
 HEALTH_POLL_SECONDS = 0.25  # readiness is noticed within a quarter of a second
 
@@ -149,7 +148,9 @@ class Run:
         self._pending_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.server_cmd: ServerCommand | None = None
-        self.secrets: list[str] = []
+        # One masker for everything the run prints and writes (ephemera.masking).
+        self.masker = job_masker(loaded, warn=reporter.warn)
+        reporter.masker = self.masker
 
     def _start_clock(self) -> None:
         self.started = time.monotonic()
@@ -235,10 +236,7 @@ class Run:
         self.reporter.info(message)
 
     def _redact(self, line: str) -> str:
-        for value in self.secrets:
-            if value and value in line:
-                line = line.replace(value, "***")
-        return line
+        return self.masker(line)
 
     def _write_state(self, status: str) -> None:
         if self.state is None:
@@ -629,6 +627,11 @@ class Run:
                     raise
                 except Exception as exc:  # noqa: BLE001 - collect is best effort, teardown must follow
                     self.reporter.warn(f"could not collect {remote_path}: {type(exc).__name__}: {exc}")
+            # The suite's output, the server's log and every text artifact (JUnit's
+            # system-out included) are masked before anyone reads them.
+            for path in self.masker.mask_tree(self.artifacts_dir):
+                self.reporter.warn(f"could not check {path} for secrets (binary or too large): "
+                                   "treat it as sensitive")
             self._log(f"artifacts in {self.artifacts_dir}")
 
     @staticmethod
@@ -698,8 +701,7 @@ class Run:
         cmd = build_server_command(self.job, model_path=model_path,
                                    tensor_parallel_size=self.plan.tensor_parallel_size, python=python)
         result = self._result("dry-run", 0, "nothing was launched")
-        result.server_command = cmd.shell
-        result.suite_command = self.suite_command()
+        result.server_command = self.masker(cmd.shell)
         return result
 
     def _result(self, status: str, code: int, message: str) -> RunResult:
@@ -709,9 +711,9 @@ class Run:
             provider=self.provider_name, instance_type=offer.instance_type if offer else None,
             region=offer.region if offer else None,
             artifacts_dir=str(self.artifacts_dir) if self.artifacts_dir.exists() else None,
-            message=message, phases=self.phases, plan=self.plan,
-            server_command=self.server_cmd.shell if self.server_cmd else None,
-            suite_command=self.suite_command(),
+            message=self.masker(message), phases=self.phases, plan=self.plan,
+            server_command=self.masker(self.server_cmd.shell) if self.server_cmd else None,
+            suite_command=self.masker(self.suite_command()),
         )
 
     def execute(self) -> RunResult:
@@ -720,8 +722,6 @@ class Run:
         self.reporter.info(f"run {self.run_id}: job {self.job.name}"
                            + (f" (tier {self.loaded.tier})" if self.loaded.tier else "")
                            + f" on provider {self.provider_name}")
-        self.secrets = [v for k, v in {**self.job.env, **self.job.suite.env, **self.job.server.env}.items()
-                        if _SECRET_NAME.search(k) and len(v) >= 4]
         status, code, message = "error", errors.EXIT_INFRA, ""
         failure: BaseException | None = None
         self._install_signals()

@@ -75,6 +75,9 @@ class LoadedJob:
     tier: str | None
     data: dict[str, Any]                       # the merged, expanded document
     locations: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    # Values that ${VAR} took from the environment: secrets until shown otherwise, so
+    # they are masked wherever the run prints or writes them.
+    substituted: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -325,13 +328,15 @@ def _nearest(locations: Mapping[Path_, tuple[int, int]], path: Path_) -> tuple[i
 
 # ------------------------------------------------------------------------- ${VAR} expansion
 
-def expand_env(value: Any, env: Mapping[str, str], path: Path_, problems: list[tuple[Path_, str]]) -> Any:
+def expand_env(value: Any, env: Mapping[str, str], path: Path_, problems: list[tuple[Path_, str]],
+               substituted: set[str] | None = None) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
-    An unset variable without a default is an error naming it."""
+    An unset variable without a default is an error naming it. Values taken from
+    ``env`` are added to ``substituted``."""
     if isinstance(value, dict):
-        return {k: expand_env(v, env, (*path, k), problems) for k, v in value.items()}
+        return {k: expand_env(v, env, (*path, k), problems, substituted) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, (*path, i), problems) for i, v in enumerate(value)]
+        return [expand_env(v, env, (*path, i), problems, substituted) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -344,6 +349,8 @@ def expand_env(value: Any, env: Mapping[str, str], path: Path_, problems: list[t
             problems.append((path, f"'${{{body}}}' is not a valid variable reference (write ${{NAME}} or ${{NAME:-default}})"))
             return match.group(0)
         if name in env and (env[name] != "" or not sep):
+            if substituted is not None and env[name]:
+                substituted.add(env[name])
             return env[name]
         if sep:
             return default
@@ -580,7 +587,8 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     _check_tier_count(raw, locations, name)
 
     env_problems: list[tuple[Path_, str]] = []
-    data = expand_env(raw, os.environ if env is None else env, (), env_problems)
+    substituted: set[str] = set()
+    data = expand_env(raw, os.environ if env is None else env, (), env_problems, substituted)
     problems = [Problem(*(_nearest(locations, p) or (None, None)), ".".join(str(x) for x in p), m)
                 for p, m in env_problems]
 
@@ -617,4 +625,5 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         raise JobFileError(name, problems)
     job = _resolve_local_model(job, base_dir)
-    return LoadedJob(job=job, path=path, tier=tier, data=merged, locations=merged_locations)
+    return LoadedJob(job=job, path=path, tier=tier, data=merged, locations=merged_locations,
+                     substituted=tuple(sorted(substituted)))

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -22,6 +23,9 @@ class Reporter:
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.live = is_tty and not self.github if live is None else live
         self.quiet = quiet
+        # The run's masker (ephemera.masking) once the job is known: every secret in any
+        # text shown is replaced before it is written.
+        self.masker: Callable[[str], str] = str
         # Re-entrant: a signal handler may log while the main thread is in the middle of a line.
         self._lock = threading.RLock()
         self._status = None
@@ -49,7 +53,7 @@ class Reporter:
         ephemera itself made it (``command``)."""
         if self.quiet:
             return
-        first, *rest = text.split("\n")
+        first, *rest = self.masker(text).split("\n")
         text = "\n".join([first if command else self._neutral(first), *map(self._neutral, rest)])
         with self._lock:
             if self._console is not None:

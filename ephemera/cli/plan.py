@@ -23,10 +23,13 @@ def command(job_file: Path, tier: str | None, catalog: Path | None, provider_nam
     """
     from ephemera.errors import NoFittingOfferError
     from ephemera.jobfile import load_job
+    from ephemera.masking import job_masker, mask_data
     from ephemera.plan import plan_job
 
     # With a catalog file, the job may name a provider whose plugin is not installed here.
-    job = load_job(job_file, tier=tier, check_provider=catalog is None).job
+    loaded = load_job(job_file, tier=tier, check_provider=catalog is None)
+    job = loaded.job
+    masker = job_masker(loaded)
     try:
         plan = plan_job(job, catalog=catalog, provider_name=provider_name)
     except NoFittingOfferError as exc:
@@ -37,12 +40,13 @@ def command(job_file: Path, tier: str | None, catalog: Path | None, provider_nam
         raise
     if as_json:
         click.echo(json.dumps({"fits": True, **plan.to_dict(), "tier": tier,
-                               "job": job.model_dump(mode="json", exclude={"tiers"})}, indent=2))
+                               "job": mask_data(job.model_dump(mode="json", exclude={"tiers"}), masker)},
+                              indent=2))
         return
     if tier:
         m = job.model
         click.echo(f"tier {tier}: {m.id} {m.precision}, max_model_len {m.max_model_len}, "
-                   f"suite `{job.suite.command}`, timeout {job.model_dump(mode='json')['timeout']}")
+                   f"suite `{masker(job.suite.command)}`, timeout {job.model_dump(mode='json')['timeout']}")
     _print_plan(plan)
 
 

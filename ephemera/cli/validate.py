@@ -18,9 +18,11 @@ def command(job_file: str, tier: str | None, as_json: bool) -> None:
     or prints the merged job and exits 0.
     """
     from ephemera.jobfile import load_job
+    from ephemera.masking import job_masker, mask_data
 
     loaded = load_job(job_file, tier=tier)
-    merged = loaded.job.model_dump(mode="json", exclude={"tiers"})
+    # Values taken from the environment (and secret-looking keys) are shown masked.
+    merged = mask_data(loaded.job.model_dump(mode="json", exclude={"tiers"}), job_masker(loaded))
     if as_json:
         click.echo(json.dumps({"valid": True, "file": job_file, "tier": tier, "job": merged,
                                "tiers": sorted(loaded.job.tiers)}, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +52,10 @@ def main() -> None:
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"stand-in for vLLM serving {served} on {args.host}:{args.port}", flush=True)
+    # Like a server that logs its configuration: STANDIN_ECHO_ENV names variables whose
+    # values it prints (the tests follow a secret through the collected log).
+    for name in filter(None, os.environ.get("STANDIN_ECHO_ENV", "").split(",")):
+        print(f"config {name}={os.environ.get(name, '')}", flush=True)
     print("Application startup complete.", flush=True)
     server.serve_forever()
 
