@@ -1,15 +1,18 @@
 """The run's summary for GitHub Actions: result, test counts, cost, phases, links.
 
 Test counts come from the JUnit XML files the suite left in the artifacts. Those
-files are written by whatever test runner the job uses, so reading them never fails
-the run: a file that is not JUnit XML is named in the summary and skipped.
+files are written by whatever test runner the job uses (the pull request's code), so
+reading them never fails the run: a file that is not JUnit XML is named in the
+summary and skipped. They are read as a stream, keeping only counts, with no DTD,
+entities or external references (defusedxml), and at most ``_MAX_XML_DEPTH``
+elements deep, so neither an entity bomb nor a huge or deep file can exhaust memory.
 The summary is appended to ``$GITHUB_STEP_SUMMARY`` only when that variable is set.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,10 @@ from ephemera.cost import CostReport, phases_table, seconds_text, usd
 # Keep the walk for XML files bounded: artifacts may hold whole model caches.
 _MAX_XML_FILES = 200
 _MAX_XML_BYTES = 50 * 1024 * 1024
+_MAX_XML_DEPTH = 256
+_MAX_COUNT = 10**9          # a count attribute above this is not a real test count
+_CHUNK = 4 << 20             # expat rescans a token cut by a chunk border: keep borders few
+_SUITES = ("testsuite", "testsuites")
 
 
 @dataclass
@@ -49,77 +56,140 @@ class JUnitTotals:
         self.problems += other.problems
 
 
-def _int_attr(element: ET.Element, name: str) -> int:
+def _int_attr(attrib: Mapping[str, str], name: str) -> int:
+    """A count attribute; 0 when it is not a finite, non-negative number."""
     try:
-        return max(0, int(float(element.get(name, "0") or 0)))
+        value = float(attrib.get(name, "0") or 0)
     except ValueError:
         return 0
+    if not math.isfinite(value) or value < 0:
+        return 0
+    return int(min(value, _MAX_COUNT))
 
 
 def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _count_suite(suite: ET.Element) -> tuple[int, int, int, int]:
-    """Counts of one <testsuite>: from its <testcase> children when it has any (the
-    truth), else from its attributes (some tools write only the totals)."""
-    cases = [c for c in suite if _local(c.tag) == "testcase"]
-    nested = [s for s in suite if _local(s.tag) == "testsuite"]
-    tests = failures = errors = skipped = 0
-    if cases:
-        for case in cases:
-            kinds = {_local(child.tag) for child in case}
-            tests += 1
-            if "error" in kinds:
-                errors += 1
-            elif "failure" in kinds:
-                failures += 1
-            elif "skipped" in kinds:
-                skipped += 1
-    elif not nested:
-        tests = _int_attr(suite, "tests")
-        failures = _int_attr(suite, "failures")
-        errors = _int_attr(suite, "errors")
-        skipped = _int_attr(suite, "skipped") or _int_attr(suite, "skip")
-    for child in nested:
-        t, f, e, s = _count_suite(child)
-        tests, failures, errors, skipped = tests + t, failures + f, errors + e, skipped + s
-    return tests, failures, errors, skipped
+class _NotJUnit(Exception):
+    """A file that parses but is not a JUnit report (or not one we will read)."""
+
+
+class _Open:
+    """An element being read: a suite collects counts, a test case its children's kinds."""
+
+    __slots__ = ("tag", "attrib", "cases", "nested", "has_cases", "has_nested", "kinds")
+
+    def __init__(self, tag: str, attrib: dict[str, str]) -> None:
+        self.tag = tag
+        self.attrib = attrib
+        self.cases = [0, 0, 0, 0]
+        self.nested = [0, 0, 0, 0]
+        self.has_cases = self.has_nested = False
+        self.kinds: set[str] = set()
+
+    def counts(self) -> list[int]:
+        """A suite's (tests, failures, errors, skipped): from its <testcase> children when
+        it has any (the truth), else from its attributes (some tools write only totals)."""
+        if self.has_cases:
+            own = self.cases
+        elif not self.has_nested:
+            a = self.attrib
+            own = [_int_attr(a, "tests"), _int_attr(a, "failures"), _int_attr(a, "errors"),
+                   _int_attr(a, "skipped") or _int_attr(a, "skip")]
+        else:
+            own = [0, 0, 0, 0]
+        return [x + y for x, y in zip(own, self.nested, strict=True)]
+
+
+class _Counter:
+    """Parser target that keeps only the open elements and the counts."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Open] = []
+        self.result: list[int] | None = None
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        name = _local(tag)
+        if not self.stack and name not in _SUITES:
+            raise _NotJUnit(f"root element <{_clip(name)}> is not <testsuites> or <testsuite>")
+        if len(self.stack) >= _MAX_XML_DEPTH:
+            raise _NotJUnit(f"elements nested deeper than {_MAX_XML_DEPTH}, not read")
+        keep = dict(attrib) if name in _SUITES and len(attrib) < 64 else {}
+        self.stack.append(_Open(name, keep))
+
+    def end(self, tag: str) -> None:
+        done = self.stack.pop()
+        parent = self.stack[-1] if self.stack else None
+        if parent is None:
+            self.result = done.counts()
+        elif parent.tag == "testcase":
+            parent.kinds.add(done.tag)
+        elif parent.tag in _SUITES and done.tag == "testcase":
+            parent.has_cases = True
+            kinds = done.kinds
+            index = 2 if "error" in kinds else 1 if "failure" in kinds else 3 if "skipped" in kinds else None
+            parent.cases[0] += 1
+            if index is not None:
+                parent.cases[index] += 1
+        elif parent.tag in _SUITES and done.tag == "testsuite":
+            parent.has_nested = True
+            parent.nested = [x + y for x, y in zip(parent.nested, done.counts(), strict=True)]
+
+    def data(self, text: str) -> None:
+        pass  # captured output is not needed, and can be large
+
+    def close(self) -> list[int] | None:
+        return self.result
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _count_file(path: Path) -> list[int]:
+    """(tests, failures, errors, skipped) of one file, read as a stream."""
+    from defusedxml.ElementTree import DefusedXMLParser
+
+    counter = _Counter()
+    parser = DefusedXMLParser(target=counter, forbid_dtd=True, forbid_entities=True,
+                              forbid_external=True)
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            parser.feed(chunk)
+    parser.close()
+    if counter.result is None:
+        raise _NotJUnit("no root element")
+    return counter.result
 
 
 def parse_junit_file(path: str | os.PathLike[str]) -> JUnitTotals:
     """Counts in one JUnit XML file; a problem (not a raise) when it is not one."""
+    import xml.etree.ElementTree as ET
+
+    from defusedxml import DefusedXmlException
+
     path = Path(path)
     totals = JUnitTotals()
     try:
         if path.stat().st_size > _MAX_XML_BYTES:
             totals.problems.append(f"{path}: larger than {_MAX_XML_BYTES // 2**20} MiB, not read")
             return totals
-        root = ET.parse(path).getroot()
+        counts = _count_file(path)
     except ET.ParseError as exc:
-        totals.problems.append(f"{path}: not well-formed XML ({exc})")
+        totals.problems.append(f"{path}: not well-formed XML ({_clip(str(exc), 200)})")
+        return totals
+    except DefusedXmlException as exc:
+        totals.problems.append(f"{path}: refused: a JUnit report has no DTD, entities or "
+                               f"external references ({type(exc).__name__})")
+        return totals
+    except _NotJUnit as exc:
+        totals.problems.append(f"{path}: {exc}")
         return totals
     except OSError as exc:
         totals.problems.append(f"{path}: cannot read ({exc.strerror or exc})")
         return totals
-    tag = _local(root.tag)
-    if tag == "testsuites":
-        suites = [s for s in root if _local(s.tag) == "testsuite"]
-        if suites:
-            for suite in suites:
-                t, f, e, s = _count_suite(suite)
-                totals.tests += t
-                totals.failures += f
-                totals.errors += e
-                totals.skipped += s
-        else:
-            t, f, e, s = _count_suite(root)
-            totals.tests, totals.failures, totals.errors, totals.skipped = t, f, e, s
-    elif tag == "testsuite":
-        totals.tests, totals.failures, totals.errors, totals.skipped = _count_suite(root)
-    else:
-        totals.problems.append(f"{path}: root element <{tag}> is not <testsuites> or <testsuite>")
-        return totals
+    totals.tests, totals.failures, totals.errors, totals.skipped = counts
     totals.files.append(str(path))
     return totals
 
@@ -147,13 +217,17 @@ def find_junit_files(directory: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
+# Problems worth showing for any XML file in the artifacts: a broken or hostile report.
+_SHOWN = ("not well-formed", "refused:", "nested deeper")
+
+
 def junit_in(directory: str | os.PathLike[str]) -> JUnitTotals:
     """Counts from every JUnit file under ``directory``; other XML files are ignored
     quietly (only files that look like JUnit but do not parse are problems)."""
     totals = JUnitTotals()
     for path in find_junit_files(directory):
         one = parse_junit_file(path)
-        if one.found or any("not well-formed" in p for p in one.problems):
+        if one.found or any(m in p for p in one.problems for m in _SHOWN):
             totals.add(one)
     return totals
 
