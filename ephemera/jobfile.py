@@ -531,7 +531,8 @@ def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
         try:
             found = candidate.exists()
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte
-            at(("suite", "files", index), f"'{_clip(entry, 60)}' is not a usable path ({exc})")
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            at(("suite", "files", index), f"'{_clip(entry, 60)}' is not a usable path ({reason})")
             continue
         if not found:
             at(("suite", "files", index),

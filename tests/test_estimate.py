@@ -170,6 +170,68 @@ def test_missing_config_field_is_named():
         estimate(cfg(**bad))
 
 
+def write_config(tmp_path: Path, config: dict | str) -> str:
+    text = config if isinstance(config, str) else json.dumps(config)
+    (tmp_path / "config.json").write_text(text)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"hidden_size": 10**30}, "hidden_size must be a whole number from 1 to 262144, found 1000000000000000000000000000000"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a whole number from 1 to 16384, found 0"),
+    ({"num_key_value_heads": -8}, "num_key_value_heads"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
+    ({"vocab_size": 1.5}, "vocab_size"),
+    ({"vocab_size": "128256"}, "vocab_size must be a whole number from 1 to 16777216, found the string '128256'"),
+    ({"intermediate_size": True}, "intermediate_size"),
+    ({"max_position_embeddings": float("inf")}, "max_position_embeddings"),
+    ({"head_dim": None, "num_attention_heads": 8192, "hidden_size": 4096}, "smaller than num_attention_heads"),
+    ({"text_config": {"hidden_size": 0}}, "text_config.hidden_size"),
+    ({"text_config": []}, "text_config must be an object"),
+    ({"vision_config": {"hidden_size": -1, "num_hidden_layers": 2}}, "vision_config.hidden_size"),
+    ({"quantization_config": {"quant_method": "awq", "bits": None}}, "quantization_config.bits"),
+    ({"quantization_config": {"quant_method": "gptq", "group_size": 10**12}}, "quantization_config.group_size"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": []}}, "config_groups"),
+    ({"architectures": {"a": 1}}, "architectures must be a list of names"),
+    ({"mlp_only_layers": [[1]]}, "mlp_only_layers"),
+    ({"partial_rotary_factor": float("nan")}, "partial_rotary_factor"),
+])
+def test_implausible_config_sizes_are_errors_naming_the_field(tmp_path, change, named):
+    config = {k: v for k, v in {**LLAMA_70B, **change}.items() if v is not None}
+    with pytest.raises(ConfigError) as info:
+        load_model(write_config(tmp_path, config))
+    assert named in str(info.value) and "config.json" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_every_reference_config_passes_the_checks(tmp_path):
+    from ephemera.modelconfig import TINY_MODEL_CONFIG, check_config
+
+    for config in [TINY_MODEL_CONFIG, LLAMA_70B, QWEN25_72B, QWEN3_32B, MIXTRAL, GEMMA_7B,
+                   *(json.loads((d / "config.json").read_text()) for d in REF.iterdir() if d.is_dir())]:
+        check_config(config, "test")
+
+
+@pytest.mark.parametrize("text, named", [
+    ('{"hidden_size": ' + "9" * 5000 + "}", "not a usable JSON document"),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not a usable JSON document"),
+    ("\ufeff" + json.dumps(LLAMA_70B).replace("8192", "0", 1), "hidden_size"),
+])
+def test_unusable_json_is_a_config_error(tmp_path, text, named):
+    with pytest.raises(ConfigError, match=named):
+        load_model(write_config(tmp_path, text))
+
+
+def test_non_utf8_and_oversized_configs_are_config_errors(tmp_path):
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_model(str(tmp_path))
+    with (tmp_path / "config.json").open("wb") as fh:
+        fh.truncate(17 * 2**20)
+    with pytest.raises(ConfigError, match="larger than 16 MiB"):
+        load_model(str(tmp_path))
+
+
 def test_model_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
     from ephemera.settings import reset_settings

@@ -115,6 +115,115 @@ def test_bad_duration_in_file_names_line_and_field(tmp_path: Path):
     assert "'20 minutes' is not a duration" in problem.message
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("timeout", "99999999999999999999999999h", "a duration is at most 168h (7 days)"),
+    ("timeout", "169h", "a duration is at most 168h (7 days), found '169h'"),
+    ("timeout", 10**40, "a duration is at most 168h (7 days)"),
+    ("timeout", 604801, "a duration is at most 168h (7 days), found 604801"),
+    ("timeout", 0.0001, "a duration is at least 0.001s"),
+    ("server:\n  health_timeout", "200h", "at most 168h"),
+    ("resources:\n  boot_timeout", "1e400", "must be a finite number"),
+])
+def test_durations_in_a_job_are_bounded(tmp_path: Path, field, value, message):
+    path = write(tmp_path, BASE.replace("  command: pytest -q\n", "  command: pytest -q\n") + f"{field}: {value}\n")
+    [problem] = problems_of(path)
+    assert message in problem.message and problem.line is not None
+
+
+def test_job_durations_keep_milliseconds_when_written_back():
+    from ephemera.durations import format_job_duration, parse_job_duration
+
+    for seconds in (0.001, 0.5, 1.25, 59.999, 90.5, 3600.001, 7200, 604800):
+        assert parse_job_duration(format_job_duration(seconds)) == seconds
+    assert format_job_duration(5400.5) == "1h30m0.5s" and format_job_duration(0.25) == "0.25s"
+    assert parse_job_duration(0.0015) == 0.002
+    assert parse_duration("1000h") == 3_600_000   # other callers (cost --since) are not bounded
+
+
+@pytest.mark.parametrize("snippet, path, bound", [
+    ("server: {max_num_seqs: 10000000}", "server.max_num_seqs", "65536"),
+    ("server: {tensor_parallel_size: 100000}", "server.tensor_parallel_size", "64"),
+    ("resources: {disk_gib: 99999999999999999999}", "resources.disk_gib", "16000"),
+    ("resources: {max_price_per_hour: .inf}", "resources.max_price_per_hour", "1000"),
+    ("resources: {max_price_per_hour: 1e30}", "resources.max_price_per_hour", "1000"),
+    ("resources: {ssh: {host: h, gpus: [" + ", ".join(["{}"] * 65) + "]}}", "resources.ssh.gpus", "64"),
+])
+def test_counts_in_a_job_are_bounded(tmp_path: Path, snippet, path, bound):
+    [problem] = problems_of(write(tmp_path, BASE + snippet + "\n"))
+    assert problem.path == path and bound in problem.message and problem.line == 7
+
+
+def test_too_many_tiers_is_one_error_at_the_tiers_key(tmp_path: Path):
+    tiers = "".join(f"  t{i}: {{}}\n" for i in range(21))
+    [problem] = problems_of(write(tmp_path, BASE + "tiers:\n" + tiers))
+    assert (problem.line, problem.path) == (7, "tiers") and "at most 20 tiers, found 21" in problem.message
+
+
+def test_alias_expansion_is_counted(tmp_path: Path):
+    from ephemera.jobfile import MAX_VALUES
+
+    # 12 x 1,000 = 12,000 values once *big is expanded twelve times; 1,012 as written.
+    text = (BASE + "x: &big [" + ", ".join(["1"] * 1000) + "]\n"
+            + "env: {" + ", ".join(f"K{i}: *big" for i in range(12)) + "}\n")
+    [problem] = problems_of(write(tmp_path, text))
+    assert problem.line == 8 and problem.path.startswith("env.K")
+    assert f"more than {MAX_VALUES} values once alias *big is expanded" in problem.message
+    assert "1001 values" in problem.message
+
+
+def test_many_values_without_aliases_are_refused_too(tmp_path: Path):
+    text = BASE + "  setup: [" + ", ".join(["x"] * 12_000) + "]\n"
+    [problem] = problems_of(write(tmp_path, text))
+    assert problem.line == 7 and "more than 10000 values" in problem.message
+
+
+def test_a_recursive_alias_is_refused(tmp_path: Path):
+    [problem] = problems_of(write(tmp_path, BASE + "env: &loop {A: *loop}\n"))
+    assert (problem.line, problem.path) == (7, "env.A")
+    assert "alias *loop refers to a value that contains it" in problem.message
+
+
+def test_deep_nesting_is_refused_with_line_and_field(tmp_path: Path):
+    from ephemera.jobfile import MAX_DEPTH
+
+    ok = BASE + "resources:\n  options:\n    a: " + "[" * (MAX_DEPTH - 3) + "]" * (MAX_DEPTH - 3) + "\n"
+    assert load_job(write(tmp_path, ok), check_provider=False)
+    deep = BASE + "resources:\n  options:\n" + "".join(
+        "  " * (i + 2) + f"k{i}:\n" for i in range(40)) + "  " * 42 + "v: 1\n"
+    [problem] = problems_of(write(tmp_path, deep))
+    assert problem.path == "resources.options.k0.k1" and problem.line == 9 + MAX_DEPTH - 2
+    assert f"nested deeper than {MAX_DEPTH} levels" in problem.message
+
+
+def test_a_value_a_tag_cannot_convert_is_an_error_at_its_line(tmp_path: Path):
+    for snippet in ("env: {A: !!bool 1}", "env: {A: !!binary 'A'}", "env: {A: !!int abc}",
+                    "env: {A: !!float x}"):
+        [problem] = problems_of(write(tmp_path, BASE + snippet + "\n"))
+        assert problem.line == 7, snippet
+
+
+def test_a_lone_surrogate_escape_is_refused(tmp_path: Path):
+    [problem] = problems_of(write(tmp_path, BASE + 'env: {A: "\\ud800\\udc00"}\n'))
+    assert (problem.line, problem.path) == (7, "env.A") and "UTF-16" in problem.message
+
+
+def test_unusable_paths_in_suite_files_are_errors(tmp_path: Path):
+    path = write(tmp_path, BASE + "  files: [" + "x" * 5000 + "]\n")
+    [problem] = problems_of(path)
+    assert problem.path == "suite.files.0" and "not a usable path (File name too long)" in problem.message
+    assert len(problem.message) < 300
+
+
+def test_many_problems_are_listed_in_full_but_printed_in_part(tmp_path: Path):
+    from ephemera.jobfile import MAX_SHOWN_PROBLEMS
+
+    text = BASE + "".join(f"unknown{i}: 1\n" for i in range(80))
+    with pytest.raises(JobFileError) as info:
+        load_job(write(tmp_path, text))
+    assert len(info.value.problems) == 80
+    assert str(info.value).count("unknown key") == MAX_SHOWN_PROBLEMS and "... and 30 more" in str(info.value)
+
+
 # -------------------------------------------------------------------------- ${VAR} expansion
 
 def test_env_expansion(tmp_path: Path):

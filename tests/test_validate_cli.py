@@ -242,3 +242,6 @@ def test_schema_is_valid_json_schema_that_accepts_a_good_job(tmp_path: Path):
     assert any("gpus" in e.message for e in validator.iter_errors(bad))
     bad_duration = {**good, "suite": {**good["suite"], "timeout": "20 minutes"}}
     assert list(validator.iter_errors(bad_duration))
+    # So are numbers beyond their bounds: a deadline of aeons, a TP size of a million.
+    assert list(validator.iter_errors({**good, "timeout": 10**12}))
+    assert list(validator.iter_errors({**good, "server": {"tensor_parallel_size": 10**6}}))
