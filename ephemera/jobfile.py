@@ -360,6 +360,36 @@ def expand_env(value: Any, env: Mapping[str, str], path: Path_, problems: list[t
     return _VAR.sub(replace, value)
 
 
+def _strings(value: Any, path: Path_) -> Iterable[tuple[Path_, str]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, (*path, index))
+    elif isinstance(value, str):
+        yield path, value
+
+
+def _check_expanded_size(raw: dict[str, Any], env: Mapping[str, str],
+                         locations: Mapping[Path_, tuple[int, int]], name: str) -> None:
+    """``${VAR}`` may not grow the text past MAX_TEXT_CHARS either (a reference repeated
+    many times to a long variable): measured before anything is expanded."""
+    total = 0
+    for path, text in _strings(raw, ()):
+        total += len(text)
+        if "$" in text:
+            for match in _VAR.finditer(text):
+                var, sep, default = (match.group(1) or "").partition(":-")
+                value = env.get(var, "") if var else "$"
+                total += len(value if value or not sep else default) - len(match.group(0))
+        if total > MAX_TEXT_CHARS:
+            line, col = _nearest(locations, path) or (None, None)
+            raise JobFileError(name, [Problem(line, col, ".".join(str(p) for p in path),
+                                              f"with ${{...}} expanded the file holds more than "
+                                              f"{MAX_TEXT_CHARS} characters of text")])
+
+
 # ------------------------------------------------------------------------------- tiers
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -586,6 +616,7 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
         line = _first_content_line(text)
         raise JobFileError(name, [Problem(line, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
     _check_tier_count(raw, locations, name)
+    _check_expanded_size(raw, os.environ if env is None else env, locations, name)
 
     env_problems: list[tuple[Path_, str]] = []
     substituted: set[str] = set()

@@ -242,6 +242,16 @@ env:
     assert job.suite.command == "pytest -k 'smoke and not slow' --price $5 ${LITERAL}"
 
 
+def test_env_expansion_may_not_grow_the_text_past_the_bound(tmp_path: Path):
+    path = write(tmp_path, BASE + 'env:\n  A: "' + "${BIG}" * 500 + '"\n')
+    with pytest.raises(JobFileError) as info:
+        load_job(path, env={"BIG": "x" * 5000})        # 2.5 million characters
+    [problem] = info.value.problems
+    assert (problem.line, problem.path) == (8, "env.A")
+    assert "more than 2000000 characters" in problem.message
+    assert load_job(path, env={"BIG": "x" * 100}).job.env["A"] == "x" * 50_000
+
+
 def test_env_expansion_reads_the_process_environment(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("EPHEMERA_TEST_MODEL", "org/from-env")
     path = write(tmp_path, BASE.replace("org/model", "${EPHEMERA_TEST_MODEL}"))
