@@ -84,12 +84,20 @@ class ModelInfo:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+MAX_PARAMETERS = 10**14     # 100T: a hundred times the largest published model
+
+
 def parse_size(text: str) -> int | None:
-    """``7B`` -> 7_000_000_000; None when the text is not a bare size."""
+    """``7B`` -> 7_000_000_000; None when the text is not a bare size. A size above
+    :data:`MAX_PARAMETERS` is a ConfigError."""
     match = _SIZE_RE.match(text)
     if not match:
         return None
-    return int(round(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]))
+    count = float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if not count <= MAX_PARAMETERS:  # also inf, from a number of hundreds of digits
+        raise ConfigError(f"model size '{text[:40]}' is above {MAX_PARAMETERS // 10**12}T parameters: "
+                          "not a model that fits any machine.")
+    return int(round(count))
 
 
 def resolve_model_dir(model_id: str) -> Path | None:

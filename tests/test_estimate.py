@@ -222,6 +222,13 @@ def test_unusable_json_is_a_config_error(tmp_path, text, named):
         load_model(write_config(tmp_path, text))
 
 
+def test_a_bare_size_beyond_100t_is_an_error():
+    assert parse_size("100T") == 10**14
+    for text in ("101T", "9" * 400 + "B"):
+        with pytest.raises(ConfigError, match="above 100T parameters"):
+            load_model(text)
+
+
 def test_non_utf8_and_oversized_configs_are_config_errors(tmp_path):
     (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')
     with pytest.raises(ConfigError, match="not UTF-8"):

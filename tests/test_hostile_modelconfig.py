@@ -115,3 +115,11 @@ def test_deep_or_odd_bytes(depth, kind, prefix):
 @given(data=st.binary(max_size=500))
 def test_random_bytes(data):
     check_config(data)
+
+
+@given(number=st.floats(min_value=0, allow_nan=False) | st.integers(0, 10**500),
+       unit=st.sampled_from("KMBTkmbt"))
+def test_bare_sizes(number, unit):
+    outcome = bounded(lambda: estimate(load_model(f"{number}{unit}")), (ConfigError,))
+    if outcome.error is None:
+        assert math.isfinite(outcome.value.required_gib_per_gpu)
