@@ -58,6 +58,20 @@ class InfraError(EphemeraError):
     kind = "infrastructure failure"
 
 
+class IncompleteSearchError(InfraError):
+    """A provider's ``find`` that could not look everywhere it had to (a region, a host
+    that did not answer). ``found`` holds what the places that answered returned, so a
+    teardown or a reaper can still act on it; ``failures`` says where the search failed.
+    Raised instead of returning a partial list, so that nothing relying on the search is
+    reported verified."""
+
+    def __init__(self, found: list, failures: list[str], message: str | None = None,
+                 *, hint: str | None = None) -> None:
+        self.found = list(found)
+        self.failures = list(failures)
+        super().__init__(message or "could not search everywhere: " + "; ".join(self.failures), hint=hint)
+
+
 class NoCapacityError(InfraError):
     """The provider has no capacity for the requested machine right now."""
 

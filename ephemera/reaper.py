@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ephemera.errors import IncompleteSearchError
 from ephemera.provider import (
     LABEL_EXPIRES_AT,
     LABEL_OWNER,
@@ -29,9 +30,13 @@ class ReapReport:
     expired: list[dict[str, Any]] = field(default_factory=list)
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
+    # Providers whose search could not look everywhere (a region that did not answer):
+    # what is there is unknown, so the reap is not complete.
+    incomplete: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"expired": self.expired, "kept": self.kept, "skipped": self.skipped}
+        return {"expired": self.expired, "kept": self.kept, "skipped": self.skipped,
+                "incomplete": self.incomplete}
 
 
 def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, now: datetime,
@@ -45,6 +50,10 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
         try:
             provider = get_provider(name)
             found = provider.find({})
+        except IncompleteSearchError as exc:   # reap what was found; report where it could not look
+            found = exc.found
+            report.incomplete.append(f"{name}: {exc}")
+            log(f"{name}: the search was incomplete ({exc}); reaping what was found")
         except Exception as exc:  # noqa: BLE001 - one unusable provider must not stop the others
             report.skipped.append(f"{name}: {exc}")
             log(f"skipping provider {name}: {exc}")

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ephemera.errors import ConfigError
+from ephemera.errors import ConfigError, IncompleteSearchError
 from ephemera.provider import LABEL_RUN_ID, Instance, InstanceState, Provider
 
 Log = Callable[[str], None]
@@ -134,24 +135,36 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
         log(f"terminating {instance.provider} instance {instance.id}")
         _terminate_once(provider, instance, log)
     try:
-        for found in provider.find({LABEL_RUN_ID: run_id}):
-            if found.state != InstanceState.TERMINATED:
-                targets.setdefault(found.id, found)
+        found_by_label = provider.find({LABEL_RUN_ID: run_id})
+    except IncompleteSearchError as exc:   # act on what it found; the rest is unknown
+        found_by_label = exc.found
+        log(f"could not look everywhere for run-id={run_id}: {exc}")
+        result.verified = False
+        result.problems.append(f"the search by label was incomplete: {exc}")
     except Exception as exc:  # noqa: BLE001 - still terminate the instance we know
+        found_by_label = []
         log(f"could not list instances by label run-id={run_id}: {type(exc).__name__}: {exc}")
-        if instance is None:
-            result.verified = False
-            result.problems.append(f"no instance recorded and listing by label failed: {exc}")
+        result.verified = False
+        result.problems.append(f"listing by label failed, so nothing else of the run is known: {exc}")
+    for found in found_by_label:
+        if found.state != InstanceState.TERMINATED:
+            targets.setdefault(found.id, found)
     for target in targets.values():
         if instance is None or target.id != instance.id:
             log(f"terminating {target.provider} instance {target.id}")
-        ok, problems = terminate_and_verify(provider, target, deadline=deadline, log=log)
+    # Several targets end in parallel: each waits on its own instance's end.
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
+        outcomes = list(pool.map(
+            lambda target: (target, terminate_and_verify(provider, target, deadline=deadline, log=log)),
+            targets.values()))
+    for target, (ok, problems) in outcomes:
         result.problems.extend(problems)
         if ok:
             result.terminated.append(target.id)
         else:
             result.verified = False
-    # Verify by label: nothing of this run may be left.
+    # Verify by label: nothing of this run may be left, and the search must have looked
+    # everywhere; a teardown that could not look is not verified.
     try:
         left = [i for i in provider.find({LABEL_RUN_ID: run_id}) if i.state != InstanceState.TERMINATED]
         if left:
@@ -159,6 +172,8 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
             result.problems.append("still present after teardown: " + ", ".join(i.id for i in left))
     except Exception as exc:  # noqa: BLE001
         log(f"could not verify by label: {type(exc).__name__}: {exc}")
+        result.verified = False
+        result.problems.append(f"could not verify by label that nothing is left: {exc}")
     result.seconds = time.monotonic() - started
     record_outcome(record, result, log)
     return result

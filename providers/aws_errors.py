@@ -15,6 +15,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ephemera import errors
 from ephemera.errors import (
     AuthError,
     ConfigError,
@@ -205,16 +206,12 @@ def _typed_error(exc: BaseException, action: str, region: str | None) -> Ephemer
     return InfraError(text)
 
 
-class IncompleteSearchError(InfraError):
-    """A search that could not look in every region it had to. ``found`` holds what the
-    regions that answered returned (so a reaper can still act on it), ``failures`` says
-    which regions failed and why. Raised instead of returning a partial list, so that
-    a teardown that relies on the search is never reported verified."""
+class IncompleteSearchError(errors.IncompleteSearchError):
+    """A search that could not look in every AWS region it had to (see the base class)."""
 
     def __init__(self, found: Sequence[Any], failures: Iterable[str]) -> None:
-        self.found = list(found)
-        self.failures = list(failures)
+        failures = list(failures)
         super().__init__(
-            "could not search every AWS region: " + "; ".join(self.failures),
+            list(found), failures, "could not search every AWS region: " + "; ".join(failures),
             hint="Nothing is known about those regions; run `ephemera reap --provider aws` "
                  "or `ephemera down` again once they answer.")

@@ -104,3 +104,84 @@ def test_down_finishes_the_teardown_when_the_state_file_cannot_be_written(contra
     assert wait_process_gone(pgid, 5) and not Path(instance.workdir).exists()
     # The file still says "active": a later `down` checks again and finds nothing.
     assert load_state(settings_dir, "td-disk-2").status == "active"
+
+
+class _SearchFails(LocalProvider):
+    """The local provider whose searches by label cannot look everywhere: ``first`` for
+    the first search, ``later`` for the ones after it (None: searches work)."""
+
+    def __init__(self, first: bool, later: bool) -> None:
+        super().__init__()
+        self.fail = [first, later]
+        self.searches = 0
+
+    def find(self, labels):
+        from ephemera.errors import IncompleteSearchError
+
+        found = super().find(labels)
+        failing = self.fail[min(self.searches, 1)]
+        self.searches += 1
+        if failing:
+            raise IncompleteSearchError(found, ["region-b: timed out"])
+        return found
+
+
+@pytest.mark.timeout(60)
+def test_a_verification_that_could_not_look_everywhere_is_not_verified(contract_local):
+    provider = _SearchFails(first=False, later=True)
+    instance = provider.launch(contract_local.make_spec("td-blind-1"))
+    result = teardown_run(provider, instance.run_id, instance, timeout=30, log=lambda m: None)
+    assert not result.verified
+    assert any("region-b" in p for p in result.problems)
+
+
+@pytest.mark.timeout(60)
+def test_what_an_incomplete_search_found_is_still_terminated(contract_local):
+    provider = _SearchFails(first=True, later=False)
+    instance = provider.launch(contract_local.make_spec("td-partial-1"))
+    pgid = int(provider.connect(instance).start("sleep 300", log_file="server.log"))
+    # No instance recorded (a launch whose reply was lost): only the search knows it.
+    result = teardown_run(provider, instance.run_id, None, timeout=30, log=lambda m: None)
+    assert wait_process_gone(pgid, 5), "the instance the search found was not terminated"
+    assert result.terminated == [instance.id]
+    assert not result.verified   # the search said it could not look everywhere
+
+
+@pytest.mark.timeout(60)
+def test_several_targets_end_in_parallel(contract_local):
+    """Two instances of one run (a retried launch): both are waited on at once, so the
+    teardown takes about as long as the slowest, not the sum."""
+    import time
+
+    class _SlowEnd(LocalProvider):
+        def poll(self, instance):
+            time.sleep(2.0)   # a machine that takes a while to report its end
+            return super().poll(instance)
+
+    provider = _SlowEnd()
+    spec = contract_local.make_spec("td-two-1")
+    first = provider.launch(spec)
+    second = provider.launch(type(spec)(**{**spec.__dict__, "run_id": "td-two-2",
+                                            "labels": {**spec.labels}}))
+    started = time.monotonic()
+    result = teardown_run(provider, "td-two-1", first, timeout=30, log=lambda m: None)
+    took = time.monotonic() - started
+    assert sorted(result.terminated) == sorted([first.id, second.id]), result
+    assert took < 3.5, f"{took:.1f}s: the two instances were waited on one after the other"
+
+
+@pytest.mark.timeout(60)
+def test_reap_acts_on_what_an_incomplete_search_found_and_says_it_was_incomplete(contract_local,
+                                                                                  monkeypatch):
+    from ephemera import registry
+    from ephemera.reaper import reap
+
+    provider = _SearchFails(first=True, later=True)
+    instance = provider.launch(contract_local.make_spec("td-reap-1", expires_in_seconds=1))
+    pgid = int(provider.connect(instance).start("sleep 300", log_file="server.log"))
+    monkeypatch.setattr(registry, "get_provider", lambda name: provider)
+    report = reap(["local"], owner=None, dry_run=False, now=datetime.now(UTC) + timedelta(minutes=1),
+                  log=lambda m: None)
+    assert [item["id"] for item in report.expired] == [instance.id]
+    assert wait_process_gone(pgid, 5)
+    assert report.incomplete and "region-b" in report.incomplete[0]

@@ -34,5 +34,7 @@ def command(providers: tuple[str, ...], owner: str | None, dry_run: bool, as_jso
             click.echo(f"{verb}: {item['provider']} {item['id']} (run {item['run_id']}, expired {item['expires_at']})")
         click.echo(f"{len(report.expired)} expired, {report.kept} not expired, "
                    f"{len(report.skipped)} provider(s) skipped", err=True)
-    if any(not item["verified"] for item in report.expired) and not dry_run:
+    for where in report.incomplete:
+        click.echo(f"search incomplete: {where}", err=True)
+    if (any(not item["verified"] for item in report.expired) and not dry_run) or report.incomplete:
         sys.exit(EXIT_TEARDOWN_FAILED)
