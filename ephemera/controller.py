@@ -47,6 +47,7 @@ from ephemera.remote import Remote
 from ephemera.server import ServerCommand, build_server_command, check_health
 from ephemera.settings import Settings
 from ephemera.state import RunState, save_state
+from ephemera.teardown import TeardownResult
 
 # Providers whose instance runs the job's image itself (no container inside).
 _IMAGE_PROVIDERS = {"docker", "local"}
@@ -148,6 +149,7 @@ class Run:
         self._pending_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.server_cmd: ServerCommand | None = None
+        self.teardown_result: TeardownResult | None = None
         # One masker for everything the run prints and writes (ephemera.masking).
         self.masker = job_masker(loaded, warn=reporter.warn)
         reporter.masker = self.masker
@@ -673,6 +675,7 @@ class Run:
                 wait = 20.0 if isinstance(self.remote, ContainerRemote) else 2.0
                 closer.join(timeout=0.2 if self._signal else wait)
             result = teardown_run(self.provider, self.run_id, self.instance, timeout=timeout, log=self._log)
+            self.teardown_result = result
             self.terminated_at = datetime.now(UTC)
             fault_point("terminated")
             if result.verified:
@@ -811,7 +814,7 @@ class Run:
     # ---------------------------------------------------------------- report
     def report(self, result: RunResult) -> dict[str, Any] | None:
         """Cost of the run: per-second billing from launch to verified termination."""
-        if self.launched_at is None or self.offer is None:
+        if self.launched_at is None:
             return None
         fault_point("report")
         try:
@@ -823,6 +826,8 @@ class Run:
                                "showing price x wall time instead")
             end = self.terminated_at or datetime.now(UTC)
             seconds = (end - self.launched_at).total_seconds()
-            return {"usd": round(self.offer.price_per_hour * seconds / 3600.0, 6),
-                    "billed_seconds": round(seconds, 3), "price_per_hour": self.offer.price_per_hour,
+            offer = self.offer or (self.plan.offer if self.plan is not None else None)
+            price = offer.price_per_hour if offer is not None else 0.0
+            return {"usd": round(price * seconds / 3600.0, 6),
+                    "billed_seconds": round(seconds, 3), "price_per_hour": price,
                     "launched_at": format_time(self.launched_at), "terminated_at": format_time(end)}

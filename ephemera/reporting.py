@@ -54,7 +54,7 @@ def _created_something(run: Run) -> bool:
     known, the launch counts: a cost is never under-reported."""
     if run.instance is not None:
         return True
-    teardown = getattr(run, "teardown_result", None)
+    teardown = run.teardown_result
     return teardown is None or bool(getattr(teardown, "terminated", None))
 
 

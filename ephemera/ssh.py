@@ -326,12 +326,14 @@ class _Masker:
 
 
 def wrap_command(command: str, *, env: Mapping[str, str] | None, cwd: str | None,
-                 pgid_file: str | None = None) -> str:
+                 pgid_file: str | None = None, run_id: str | None = None) -> str:
     """The line sent to the server: a new session that first prints its id (and, for
     providers that clean up by process group, appends it to ``pgid_file``), reads the
     environment from stdin (so values stay off the process list), then runs
     ``sh -c command``."""
     inner = f'printf "{PGID_MARK} %s\\n" "$$"; '
+    if run_id:   # not a secret: it marks the run's processes, so cleanup kills only those
+        inner += f"EPHEMERA_RUN_ID={shlex.quote(run_id)}; export EPHEMERA_RUN_ID; "
     if pgid_file:
         inner += f'echo "$$" >> {shlex.quote(pgid_file)}; '
     if env:
@@ -393,8 +395,9 @@ class SSHRemote(ShellRemote):
 
     def __init__(self, target: Target, *, pin: HostKeyPin | None = None,
                  connect_timeout: float = 60.0, op_timeout: float = 60.0,
-                 pgid_file: str | None = None) -> None:
+                 pgid_file: str | None = None, run_id: str | None = None) -> None:
         self.target = target
+        self.run_id = run_id
         self.pgid_file = pgid_file
         self.pin = pin if pin is not None else HostKeyPin()
         self.connect_timeout = connect_timeout
@@ -445,7 +448,7 @@ class SSHRemote(ShellRemote):
             with guard(step, chan.close) as fired:
                 try:
                     chan.exec_command(wrap_command(command, env=env, cwd=cwd,
-                                                   pgid_file=self.pgid_file))
+                                                   pgid_file=self.pgid_file, run_id=self.run_id))
                     if env:
                         chan.sendall(env_script(env))
                     chan.shutdown_write()

@@ -532,7 +532,7 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
 
         if instance.endpoint is None:
             raise InfraError(f"instance {instance.id} has no address yet (state {instance.state}).")
-        return ssh.SSHRemote.from_endpoint(instance.endpoint)
+        return ssh.SSHRemote.from_endpoint(instance.endpoint, run_id=instance.run_id)
 
     # ----------------------------------------------------------------- helpers
 

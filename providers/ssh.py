@@ -361,5 +361,6 @@ class SSHProvider:
         fields = self._from_instance(instance)
         workdir = instance.data.get("workdir") or instance.workdir
         remote = SSHRemote(self._target(fields), pin=HostKeyPin(fields.get("host_key")),
-                           pgid_file=posixpath.join(workdir, ".pgids") if workdir else None)
+                           pgid_file=posixpath.join(workdir, ".pgids") if workdir else None,
+                           run_id=instance.run_id)
         return remote

@@ -191,3 +191,19 @@ def test_root_owned_leftovers_end_the_teardown_once(docker_login_user, caplog):
         assert not (workdir / "labels.json").exists()
     finally:
         shutil.rmtree(workroot, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_every_command_of_a_run_carries_its_run_id(contract_ssh):
+    """Cleanup kills only process groups whose processes carry the run's id: every
+    command on the channel, detached ones included, has it in its environment."""
+    provider = contract_ssh.provider
+    instance = provider.launch(contract_ssh.make_spec("ssh-runid-1"))
+    try:
+        remote = provider.connect(instance)
+        assert remote.run('test "$EPHEMERA_RUN_ID" = ssh-runid-1', timeout=30).ok
+        handle = remote.start("exec sleep 300", log_file=f"{instance.workdir}/s.log")
+        environ = Path(f"/proc/{handle}/environ").read_bytes().split(b"\0")
+        assert b"EPHEMERA_RUN_ID=ssh-runid-1" in environ
+    finally:
+        provider.terminate(instance)
