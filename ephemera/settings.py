@@ -11,12 +11,13 @@ import getpass
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import platformdirs
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -72,7 +73,9 @@ class Settings(BaseSettings):
     aws_ami: str | None = Field(default=None, description="AMI id to use instead of the Deep Learning Base AMI.")
     aws_subnet_id: str | None = None
     aws_security_group_id: str | None = None
-    aws_ssh_cidr: str | None = Field(default=None, description="CIDR allowed to SSH in (default: this machine's public /32).")
+    aws_ssh_cidr: str | None = Field(default=None, description=(
+        "CIDR allowed to SSH in (default: this machine's public /32); /24 or narrower, no host "
+        "bits, unless it ends with '!'."))
     aws_ssh_host_override: str | None = Field(default=None, description="Reach instances at this host[:port] (bastion forward, tests).")
     aws_use_private_ip: bool = False
     aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
@@ -81,7 +84,36 @@ class Settings(BaseSettings):
     ssh_port: int = Field(default=22, ge=1, le=65535)
     ssh_user: str = "root"
     ssh_key: Path | None = None
-    ssh_workroot: str = "/tmp/ephemera"
+    ssh_workroot: str = Field(default="~/ephemera-runs", description=(
+        "Where runs' directories are made on an ssh/aws host; '~/' is the login user's home."))
+    # Local provider
+    env_allow: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Names of this machine's environment variables the local provider passes on to the "
+        "server and the suite (JSON list or comma separated)."))
+
+    @field_validator("env_allow", mode="before")
+    @classmethod
+    def _names_list(cls, value: Any) -> Any:
+        """EPHEMERA_ENV_ALLOW is a JSON list or plain comma separated names."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                try:
+                    return json.loads(text)
+                except ValueError as exc:
+                    raise ValueError(f"is not a JSON list: {exc}") from None
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("env_allow", mode="after")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or "=" in name or any(c.isspace() for c in name):
+                raise ValueError(f"'{name}' is not an environment variable name")
+        return value
 
     @field_validator("*", mode="before")
     @classmethod

@@ -55,10 +55,7 @@ def ssh_cidr(configured: str | None, field: str) -> str:
     leave the machine for it.
     """
     if configured:
-        try:
-            return str(ipaddress.ip_network(configured, strict=False))
-        except ValueError as exc:
-            raise ConfigError(f"{field}: '{configured}' is not a CIDR ({exc}).") from None
+        return checked_cidr(configured, field)
     import urllib.request
 
     try:
@@ -71,6 +68,43 @@ def ssh_cidr(configured: str | None, field: str) -> str:
             hint="Set EPHEMERA_AWS_SSH_CIDR or resources.aws.ssh_cidr (e.g. 203.0.113.7/32).",
         ) from None
     return f"{address}/32"
+
+
+def checked_cidr(configured: str, field: str) -> str:
+    """A configured SSH CIDR, refused when it opens SSH to more than one small network:
+    wider than /24 (/64 for IPv6) or with host bits set (``10.0.0.5/16`` reads as a typo
+    for one address). A trailing ``!`` forces it through as written (host bits cleared).
+    """
+    text = configured.strip()
+    forced = text.endswith("!")
+    if forced:
+        text = text[:-1].strip()
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: '{configured}' is not a CIDR ({exc}).") from None
+    if forced:
+        return str(network)
+    narrowest = 24 if network.version == 4 else 64
+    force = f"or end the value with '!' to allow {network} on purpose (e.g. '{network}!')."
+    if not _strict_network(text):
+        single = ipaddress.ip_network(text.split("/")[0])
+        raise ConfigError(f"{field}: '{configured}' has host bits set (its network is {network}).",
+                          hint=f"Write {single} for one address, {force}")
+    if network.prefixlen < narrowest:
+        raise ConfigError(f"{field}: '{configured}' lets {network.num_addresses} addresses reach "
+                          f"SSH (wider than /{narrowest}).",
+                          hint=f"Use a /{narrowest} or narrower, ideally your own address "
+                               f"(e.g. 203.0.113.7/32), {force}")
+    return str(network)
+
+
+def _strict_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        return False
+    return True
 
 
 class Options:
