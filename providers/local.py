@@ -44,6 +44,26 @@ from ephemera.settings import get_settings
 
 TAIL_LINES = 200
 
+# This machine's environment variables a run's commands get (when set): what a shell,
+# Python, torch and vLLM's CPU build need. Anything else (cloud keys, CI tokens, OIDC
+# request variables) stays out unless the job sets it or the env_allow setting names it.
+BASE_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "LANG", "LANGUAGE", "TZ", "TERM",
+    "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "LD_LIBRARY_PATH",
+})
+BASE_ENV_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "VLLM_", "CUDA_", "NCCL_",
+                     "TORCH_")
+
+
+def base_env(environ: Mapping[str, str], allow: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """The part of ``environ`` a run's commands may see: BASE_ENV_NAMES, names starting
+    with BASE_ENV_PREFIXES, and the names in ``allow``."""
+    allowed = set(allow)
+    return {k: v for k, v in environ.items()
+            if k in BASE_ENV_NAMES or k in allowed or k.startswith(BASE_ENV_PREFIXES)}
+
 
 def _mask(env: Mapping[str, str] | None):
     values = sorted({str(v) for v in (env or {}).values() if len(str(v)) >= 4}, key=len,
@@ -73,6 +93,10 @@ class LocalRemote(ShellRemote):
             run_id = self.workdir.name
         self.run_env = {"EPHEMERA_RUN_ID": run_id} if run_id else {}
 
+    @staticmethod
+    def _base_env() -> dict[str, str]:
+        return base_env(os.environ, get_settings().env_allow)
+
     def _path(self, path: str) -> Path:
         p = Path(path).expanduser()
         if not p.is_absolute() and self.workdir is not None:
@@ -90,7 +114,8 @@ class LocalRemote(ShellRemote):
         mask = _mask(env)
         workdir = self._path(cwd) if cwd else self.workdir
         proc = subprocess.Popen(
-            ["sh", "-c", command], cwd=workdir, env={**os.environ, **(env or {}), **self.run_env},
+            ["sh", "-c", command], cwd=workdir,
+            env={**self._base_env(), **(env or {}), **self.run_env},
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
