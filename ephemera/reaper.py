@@ -2,6 +2,7 @@
 
 It only acts on instances that carry the run-id and expires-at labels with an
 expiry in the past, so running it with no settings can never touch anything else.
+Given an owner, it also leaves alone (and counts) what carries another owner label.
 One instance that cannot be judged or terminated never stops the others: it is
 reported (and makes ``ephemera reap`` exit non-zero) and the reaper goes on.
 """
@@ -22,13 +23,16 @@ from ephemera.provider import (
     parse_time,
 )
 
-KEPT, IGNORED = "kept", "ignored"
+KEPT, IGNORED, FOREIGN = "kept", "ignored", "foreign"
 
 
 @dataclass
 class ReapReport:
     expired: list[dict[str, Any]] = field(default_factory=list)
     kept: int = 0
+    # Resources carrying another owner label (or none), left alone because of the owner.
+    foreign: int = 0
+    owner: str | None = None     # whose resources were looked at; None: every owner's
     skipped: list[str] = field(default_factory=list)
     # Providers whose search could not look everywhere (a region that did not answer):
     # what is there is unknown, so the reap is not complete.
@@ -36,16 +40,18 @@ class ReapReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"expired": self.expired, "kept": self.kept, "skipped": self.skipped,
-                "incomplete": self.incomplete}
+                "incomplete": self.incomplete, "owner": self.owner,
+                "foreign_owner_skipped": self.foreign}
 
 
 def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, now: datetime,
          log: Callable[[str], None]) -> ReapReport:
+    """Terminate the expired resources of ``owner`` (of every owner when it is None)."""
     from ephemera.registry import get_provider
     from ephemera.registry import provider_names as all_names
     from ephemera.teardown import terminate_and_verify
 
-    report = ReapReport()
+    report = ReapReport(owner=owner)
     for name in provider_names or all_names():
         try:
             provider = get_provider(name)
@@ -70,6 +76,8 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
                 log(f"{name}: could not reap {item['id']}: {type(exc).__name__}: {exc}")
             if item == KEPT:
                 report.kept += 1
+            elif item == FOREIGN:
+                report.foreign += 1
             elif isinstance(item, dict):
                 report.expired.append(item)
         extra = getattr(provider, "reap_orphans", None)
@@ -85,19 +93,21 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
 def _reap_one(name: str, provider: Any, instance: Any, *, owner: str | None, dry_run: bool,
               now: datetime, log: Callable[[str], None],
               terminate_and_verify: Callable[..., tuple[bool, list[str]]]) -> dict[str, Any] | str:
-    """The report item of one instance (what was, or would be, done), KEPT when it is
-    not expired, has another owner or no readable expiry, IGNORED when it is not an
-    ephemera instance or is gone already."""
+    """The report item of one instance (what was, or would be, done), FOREIGN when an
+    owner is given and the instance carries another, KEPT when it is not expired or has
+    no readable expiry, IGNORED when it is not an ephemera instance or is gone already."""
     import time
 
     labels = instance.labels
     if instance.state == InstanceState.TERMINATED or LABEL_RUN_ID not in labels:
         return IGNORED
+    if owner and labels.get(LABEL_OWNER) != owner:
+        return FOREIGN
     try:
         expires = parse_time(labels[LABEL_EXPIRES_AT])
     except (KeyError, ValueError, TypeError, AttributeError, OverflowError):
         return KEPT  # no readable expiry: never ours to judge
-    if expires > now or (owner and labels.get(LABEL_OWNER) != owner):
+    if expires > now:
         return KEPT
     item = {"provider": name, "id": instance.id, "run_id": labels[LABEL_RUN_ID],
             "expires_at": labels[LABEL_EXPIRES_AT], "owner": labels.get(LABEL_OWNER),
