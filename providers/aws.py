@@ -416,7 +416,9 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
         if not endpoint.proxy_jump and not _ssh_answers(endpoint.host, endpoint.port):
             return instance.evolve(state=InstanceState.RUNNING,
                                    message=f"running, SSH on {endpoint.host}:{endpoint.port} not answering yet")
-        workroot = getattr(self.settings, "ssh_workroot", "/tmp/ephemera")
+        from ephemera_providers.ssh import home_workroot
+
+        workroot = home_workroot(self.settings.ssh_workroot, endpoint.user)
         return instance.evolve(state=InstanceState.READY, endpoint=endpoint,
                                workdir=f"{workroot}/{instance.run_id}", message="ready")
 
