@@ -123,7 +123,9 @@ class SSHTarget(Strict):
     port: int = Field(22, ge=1, le=65535)
     user: str = "root"
     key: str | None = Field(None, description="Private key file.")
-    workroot: str = "/tmp/ephemera"
+    workroot: str | None = Field(None, description=(
+        "Directory on the host for runs (absolute or '~/...'); default: the ssh_workroot "
+        "setting, ~/ephemera-runs."))
     gpus: list[dict[str, Any]] | None = Field(None, max_length=MAX_DECLARED_GPUS, description="Declared GPUs when the host has no nvidia-smi.")
 
 

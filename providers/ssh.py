@@ -2,11 +2,16 @@
 
 The target comes from the job's ``resources.ssh`` section (host, port, user, key,
 workroot, gpus) or from the settings ``EPHEMERA_SSH_HOST/PORT/USER/KEY/WORKROOT``.
-"Launching" makes an isolated working directory ``<workroot>/<run-id>`` on the host
+"Launching" makes an isolated working directory ``<workroot>/<run-id>`` (mode 0700) on the host
 with a ``labels.json`` (so ``find`` and the reaper see it) and starts a detached
 watchdog there that ends the run at its expiry even if ephemera dies. Terminate kills
 every process group the run started (they are recorded in the directory), stops the
 watchdog and removes the directory; nothing else on the host is touched.
+
+The default work root ``~/ephemera-runs`` is resolved on the host (the login user's
+home), made with mode 0700 when missing, and refused when it is a symbolic link, is
+owned by another user or is writable by group or others. An absolute work root is used
+as given; the run directory itself gets the same check either way.
 
 ``Instance.data`` carries the target and the pinned host key as plain strings, so
 another process (``ephemera down``) can terminate the run from the state file.
@@ -52,6 +57,43 @@ _TARGET_KEYS = ("host", "port", "user", "key", "workroot")
 
 CONNECT_TIMEOUT = 30.0   # launch/terminate: the host exists, so it should answer soon
 POLL_TIMEOUT = 10.0      # poll must not hold the controller long
+
+HOME_PREFIX = "~/"
+# Stands for the work root in the watchdog's text until the host has resolved "~/".
+ROOT_PLACEHOLDER = "/@@ephemera-workroot@@"
+
+# Shell functions of the launch script: refuse a directory that another user could
+# change (a symbolic link, owned by someone else, writable by group or others).
+_CHECK_DIR = (
+    '_refuse() { echo "ephemera: refusing the work directory $1: $2" >&2; exit 3; }; '
+    '_check() { [ -L "$1" ] && _refuse "$1" "it is a symbolic link"; '
+    '[ -d "$1" ] || _refuse "$1" "it is not a directory"; '
+    'set -- "$1" $(stat -c "%u %a" "$1"); '
+    '[ "$2" = "$(id -u)" ] || _refuse "$1" "it is owned by uid $2, not by the login user '
+    '$(id -un) (uid $(id -u))"; '
+    '[ $(( 0$3 & 022 )) -eq 0 ] || _refuse "$1" "its mode $3 lets group or others write '
+    'to it (chmod go-w it)"; }; '
+)
+
+
+def in_home(workroot: str) -> bool:
+    return workroot.startswith(HOME_PREFIX)
+
+
+def root_word(workroot: str) -> str:
+    """The work root as one shell word; ``~/x`` is ``x`` in the login user's home."""
+    if in_home(workroot):
+        return '"$HOME"/' + shlex.quote(workroot[len(HOME_PREFIX):].strip("/"))
+    return shlex.quote(workroot)
+
+
+def home_workroot(workroot: str, user: str) -> str:
+    """``workroot`` with ``~/`` taken as the home of ``user`` on a standard cloud image
+    (/root, else /home/<user>), for hosts this process cannot ask first."""
+    if not in_home(workroot):
+        return workroot
+    home = "/root" if user == "root" else f"/home/{user}"
+    return posixpath.join(home, workroot[len(HOME_PREFIX):].strip("/"))
 
 
 def _target_fields(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -105,9 +147,11 @@ class SSHProvider:
             raise ConfigError("the ssh provider needs a host: set resources.ssh.host in the job "
                               "or EPHEMERA_SSH_HOST.")
         workroot = str(fields["workroot"])
-        if not workroot.startswith("/") or workroot.rstrip("/") == "" or "\n" in workroot:
-            raise ConfigError(f"resources.ssh.workroot must be an absolute directory below /, "
-                              f"not '{workroot}'")
+        below = workroot[len(HOME_PREFIX):] if in_home(workroot) else workroot
+        if (not (in_home(workroot) or workroot.startswith("/")) or below.strip("/") == ""
+                or "\n" in workroot):
+            raise ConfigError(f"resources.ssh.workroot must be an absolute directory below / "
+                              f"or one below the login user's home ('~/name'), not '{workroot}'")
         return Target(host=fields["host"], port=int(fields["port"]), user=fields["user"],
                       key_path=fields.get("key"))
 
@@ -179,7 +223,7 @@ class SSHProvider:
             launched_at=datetime.fromisoformat(launched) if launched else None,
             data={"host": str(fields["host"]), "port": str(fields["port"]),
                   "user": str(fields["user"]), "key": str(fields.get("key") or ""),
-                  "workroot": str(fields["workroot"]), "workdir": workdir,
+                  "workroot": posixpath.dirname(workdir), "workdir": workdir,
                   "host_key": host_key or ""},
         )
 
@@ -187,7 +231,8 @@ class SSHProvider:
         run_id = check_run_id(spec.run_id)
         fields = self._resolve(spec.options)
         self._target(fields)
-        workdir = posixpath.join(str(fields["workroot"]), run_id)
+        workroot = str(fields["workroot"])
+        shown = posixpath.join(workroot, run_id)
         self._record_target(run_id, fields, spec.expires_at)
         record = {
             "id": f"ssh-{fields['host']}-{fields['port']}-{run_id}", "run_id": run_id,
@@ -195,26 +240,19 @@ class SSHProvider:
             "launched_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "expires_at": spec.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
         }
-        q = shlex.quote(workdir)
-        # One round trip: reuse the directory of an earlier launch of the same run, or
-        # create it, start the watchdog and write labels.json last (it marks "ready").
-        script = (
-            f"if [ -f {q}/labels.json ]; then cat {q}/labels.json; exit 0; fi; "
-            f"mkdir -p {q} && : > {q}/.pgids && "
-            f"{{ {start_watchdog_command(workdir, int(spec.expires_at.timestamp()))}; }} && "
-            f"printf '%s\\n' {shlex.quote(json.dumps(record))} > {q}/labels.json.tmp && "
-            f"mv {q}/labels.json.tmp {q}/labels.json && cat {q}/labels.json"
-        )
+        script = _launch_script(workroot, run_id, int(spec.expires_at.timestamp()), record)
         remote = self._remote(fields, CONNECT_TIMEOUT)
         try:
             result = remote.run(script, timeout=60)
         finally:
             remote.close()
         if not result.ok:
-            raise InfraError(f"could not prepare {workdir} on {fields['host']}: "
+            raise InfraError(f"could not prepare {shown} on {fields['host']}: "
                              f"{result.output_tail[-500:]}")
+        lines = result.output_tail.strip().splitlines()
+        workdir = _resolved_workdir(lines, run_id) if in_home(workroot) else shown
         try:
-            stored = json.loads(result.output_tail.strip().splitlines()[-1])
+            stored = json.loads(lines[-1])
         except (ValueError, IndexError):
             raise InfraError(f"unreadable labels.json in {workdir} on {fields['host']}: "
                              f"{result.output_tail[-300:]}") from None
@@ -333,7 +371,7 @@ class SSHProvider:
         return found
 
     def _find_on(self, fields: Mapping[str, Any], labels: Mapping[str, str]) -> list[Instance]:
-        root = shlex.quote(str(fields["workroot"]))
+        root = root_word(str(fields["workroot"]))
         remote = self._remote(fields, CONNECT_TIMEOUT)
         lines: list[str] = []
         try:
@@ -364,3 +402,45 @@ class SSHProvider:
                            pgid_file=posixpath.join(workdir, ".pgids") if workdir else None,
                            run_id=instance.run_id)
         return remote
+
+
+def _launch_script(workroot: str, run_id: str, expires_epoch: int, record: Mapping) -> str:
+    """One shell script (one round trip): resolve and check the work root, reuse the
+    directory of an earlier launch of the same run, or create it (mode 0700), start the
+    watchdog and write labels.json last (it marks "ready"). Prints ``@@workdir <path>``
+    and then the run's labels.json line."""
+    if in_home(workroot):
+        # The path is known on the host only: the watchdog's text gets it there.
+        template = start_watchdog_command(f"{ROOT_PLACEHOLDER}/{run_id}", expires_epoch)
+        watchdog = (f'eval "$(printf \'%s\' {shlex.quote(template)} '
+                    f'| sed "s#{ROOT_PLACEHOLDER}#$root#g")"')
+        root = (f"root={root_word(workroot)}; "
+                'case "$root" in /?*) ;; *) _refuse "$root" "the login user\'s home is not '
+                'an absolute path";; esac; '
+                f'case "$root/{run_id}" in *[!A-Za-z0-9/._-]*) _refuse "$root" "unusual '
+                'characters in the path (set an absolute workroot)";; esac; '
+                '{ [ -e "$root" ] || [ -L "$root" ] || mkdir -p -m 700 "$root"; } || exit 3; '
+                '_check "$root"; ')
+    else:
+        watchdog = start_watchdog_command(posixpath.join(workroot, run_id), expires_epoch)
+        root = f'root={shlex.quote(workroot)}; mkdir -p "$root" || exit 3; '
+    return (
+        _CHECK_DIR + root + f'w="${{root%/}}"/{run_id}; '
+        'if [ -e "$w" ] || [ -L "$w" ]; then _check "$w"; fi; '
+        'echo "@@workdir $w"; '
+        'if [ -f "$w/labels.json" ]; then cat "$w/labels.json"; exit 0; fi; '
+        '{ [ -d "$w" ] || mkdir -m 700 "$w"; } && : > "$w/.pgids" && '
+        f"{{ {watchdog}; }} && "
+        f'printf \'%s\\n\' {shlex.quote(json.dumps(record))} > "$w/labels.json.tmp" && '
+        'mv "$w/labels.json.tmp" "$w/labels.json" && cat "$w/labels.json"'
+    )
+
+
+def _resolved_workdir(lines: list[str], run_id: str) -> str:
+    """The run directory the launch script resolved on the host (its ``@@workdir`` line)."""
+    found = [line[len("@@workdir "):] for line in lines if line.startswith("@@workdir ")]
+    workdir = posixpath.normpath(found[-1]) if found else ""
+    if not workdir.startswith("/") or posixpath.basename(workdir) != run_id:
+        raise InfraError(f"the host did not report a usable run directory for {run_id}: "
+                         f"{chr(10).join(lines)[-300:]}")
+    return workdir
