@@ -40,6 +40,7 @@ Options read from ``LaunchSpec.options`` (the job's ``resources.aws`` section un
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -48,11 +49,19 @@ from typing import Any, ClassVar
 from ephemera_providers.aws_common import (
     TAG_PREFIX,
     Options,
+    bad_answer,
     data_from_instance,
+    entries,
     from_tags,
+    instances_of,
+    mapping,
+    resource_id,
     resource_name,
+    shown,
     ssh_cidr,
+    state_name,
     tag_key,
+    text,
     to_tags,
 )
 from ephemera_providers.aws_errors import (
@@ -91,6 +100,8 @@ NOT_FOUND_GRACE_SECONDS = 120
 # How often poll sends TerminateInstances again to an instance that is still alive.
 MAX_TERMINATE_RESENDS = 20
 SSH_PROBE_SECONDS = 2.0
+# The most DescribeInstances pages one search reads (a NextToken that never ends).
+MAX_PAGES = 1000
 
 _STATE_MAP = {
     "pending": InstanceState.PENDING,
@@ -312,7 +323,10 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
                     if self._after_failure(exc, spec, region, subnet, market, attempt) == "subnet":
                         continue
                     break
-                raw = reply["Instances"][0]
+                launched = entries(reply, "Instances", f"RunInstances in {region}")
+                if not launched:
+                    raise bad_answer(f"RunInstances in {region}", "Instances", [], "one instance")
+                raw = launched[0]
                 data = {
                     "region": region,
                     "ami": ami,
@@ -392,8 +406,8 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
             if launched and (datetime.now(UTC) - launched).total_seconds() < NOT_FOUND_GRACE_SECONDS:
                 return instance.evolve(state=InstanceState.PENDING, message="not visible to the API yet")
             return self._after_termination(instance, "instance no longer exists")
-        state = raw["State"]["Name"]
-        reason = (raw.get("StateReason") or {}).get("Message", "")
+        state = shown(state_name(raw))
+        reason = shown(text(mapping(raw.get("StateReason")).get("Message")))
         if state == "terminated":
             return self._after_termination(instance, reason or "terminated")
         if instance.id in self._terminate_sent and state in ("pending", "running", "stopping", "stopped"):
@@ -409,7 +423,7 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
             if self._needs_public_address():
                 return instance.evolve(state=InstanceState.FAILED, message=(
                     f"instance {instance.id} is running without a public IPv4 address (subnet "
-                    f"{raw.get('SubnetId') or '?'}), so SSH cannot reach it; a public address "
+                    f"{shown(text(raw.get('SubnetId')) or '?')}), so SSH cannot reach it; a public address "
                     "was asked for, so the subnet or an account policy refused it. Use a public "
                     "subnet, or aws_use_private_ip with aws_bastion."))
             return instance.evolve(state=InstanceState.RUNNING, message="running, no address yet")
@@ -455,9 +469,10 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
                 host, port_text = override, ""
             port = int(port_text) if port_text else 22
         elif self.settings.aws_use_private_ip:
-            host = raw.get("PrivateIpAddress")
+            host = _address(raw, "PrivateIpAddress")
         else:
-            host = raw.get("PublicIpAddress") or (raw.get("PrivateIpAddress") if bastion else None)
+            host = _address(raw, "PublicIpAddress") or (
+                _address(raw, "PrivateIpAddress") if bastion else None)
         if not host:
             return None
         return Endpoint(host=host, port=port, user=instance.data.get("ssh_user") or "ubuntu",
@@ -539,18 +554,25 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
     # ----------------------------------------------------------------- helpers
 
     def _describe(self, region: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every instance the filters match, page by page (a page token that repeats or
+        pages past MAX_PAGES is an error, not an endless loop)."""
+        where = f"DescribeInstances in {region}"
         out: list[dict[str, Any]] = []
         token: str | None = None
-        while True:
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
             params: dict[str, Any] = {"Filters": filters}
             if token:
                 params["NextToken"] = token
             reply = self._call("ec2", region, "describe_instances", **params)
-            for reservation in reply.get("Reservations", []):
-                out.extend(reservation.get("Instances", []))
+            out.extend(instances_of(reply, where))
             token = reply.get("NextToken")
             if not token:
                 return out
+            if not isinstance(token, str) or token in seen:
+                raise bad_answer(where, "NextToken", token, "a new page token")
+            seen.add(token)
+        raise InfraError(f"AWS {where} gave more than {MAX_PAGES} pages; stopped reading.")
 
     def _describe_one(self, region: str, instance_id: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
@@ -561,30 +583,31 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
             if classify(exc) is Kind.NOT_FOUND:
                 return None
             raise to_ephemera_error(exc, "DescribeInstances", region) from exc
-        for reservation in reply.get("Reservations", []):
-            for raw in reservation.get("Instances", []):
-                return raw
+        for raw in instances_of(reply, f"DescribeInstances in {region}"):
+            if raw["InstanceId"] == instance_id:
+                return dict(raw)
         return None
 
     def _instance_from(self, raw: Mapping[str, Any], region: str, *, data: Mapping[str, str],
                        labels: Mapping[str, str] | None = None) -> Instance:
+        ident = resource_id(raw, "InstanceId", f"DescribeInstances in {region}")
         tags = from_tags(raw.get("Tags"))
         merged = dict(labels or tags)
         launched = raw.get("LaunchTime")
         if isinstance(launched, datetime) and launched.tzinfo is None:
             launched = launched.replace(tzinfo=UTC)
         # Only poll() says READY; until then a running instance is still on its way.
-        state = _STATE_MAP.get(raw.get("State", {}).get("Name", "pending"), InstanceState.PENDING)
+        state = _STATE_MAP.get(state_name(raw), InstanceState.PENDING)
         return Instance(
             provider=self.name,
-            id=raw["InstanceId"],
+            id=ident,
             run_id=merged.get(LABEL_RUN_ID, ""),
             state=state,
             labels=merged,
-            instance_type=raw.get("InstanceType", ""),
+            instance_type=shown(text(raw.get("InstanceType"))),
             region=region,
             launched_at=launched if isinstance(launched, datetime) else datetime.now(UTC),
-            message=raw.get("State", {}).get("Name", ""),
+            message=shown(state_name(raw)),
             data=dict(data),
         )
 
@@ -594,6 +617,20 @@ def root_volume_gib(disk_gib: int | None, image_gib: int) -> int:
     job needs on top of it, ``disk_gib`` (the plan sizes it for the vLLM image and the
     model's files; ``resources.disk_gib`` overrides it), else a default room."""
     return image_gib + int(disk_gib or DEFAULT_DATA_GIB)
+
+
+def _address(raw: Mapping[str, Any], key: str) -> str | None:
+    """An instance's IP address field: None when missing, an error when it is there but is
+    not an IP address (it would be handed to ssh as a host name)."""
+    value = raw.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+    raise bad_answer("DescribeInstances", key, value, "an IP address")
 
 
 def _ssh_answers(host: str, port: int) -> bool:

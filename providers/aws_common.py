@@ -4,14 +4,79 @@ and what terminate needs rebuilt from an instance's own description."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from ephemera.errors import ConfigError
+from ephemera.errors import ConfigError, InfraError
 from ephemera.provider import LABEL_KEYS, LABEL_RUN_ID, Instance, InstanceState
 
 TAG_PREFIX = "ephemera:"
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+# What an EC2 resource id (instance, group, subnet, AMI) may look like.
+_RESOURCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Longest text from an AWS answer that goes into a message.
+SHOWN_CHARS = 200
+
+
+# ------------------------------------------------ reading AWS answers defensively
+
+def shown(value: Any) -> str:
+    """A value from an AWS answer as a short, printable piece of a message."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def bad_answer(where: str, field: str, value: Any, wanted: str) -> InfraError:
+    """The error for an AWS answer whose ``field`` is not what the API documents."""
+    return InfraError(f"AWS {where} answered with {field} = {shown(value)[:80]}, "
+                      f"which is not {wanted}.")
+
+
+def mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a mapping, else an empty one (an optional sub-object)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def text(value: Any) -> str:
+    """``value`` when it is a string, else "" (an optional string field)."""
+    return value if isinstance(value, str) else ""
+
+
+def entries(reply: Any, key: str, where: str, of: tuple[type, ...] = (Mapping,)) -> list[Any]:
+    """The list ``reply[key]`` of objects (missing: empty); anything else is an error."""
+    items = mapping(reply).get(key, [])
+    if not isinstance(items, list | tuple):
+        raise bad_answer(where, key, items, "a list")
+    for index, item in enumerate(items):
+        if not isinstance(item, of):
+            raise bad_answer(where, f"{key}[{index}]", item, "an object")
+    return list(items)
+
+
+def resource_id(raw: Any, key: str, where: str) -> str:
+    """The id ``raw[key]`` (an instance, group, subnet or AMI id)."""
+    value = mapping(raw).get(key)
+    if not isinstance(value, str) or not _RESOURCE_ID.fullmatch(value):
+        raise bad_answer(where, key, value, "an EC2 resource id")
+    return value
+
+
+def instances_of(reply: Any, where: str) -> list[Mapping[str, Any]]:
+    """The instances of a DescribeInstances page, each with a well-formed InstanceId."""
+    out: list[Mapping[str, Any]] = []
+    for index, reservation in enumerate(entries(reply, "Reservations", where)):
+        place = f"{where} Reservations[{index}]"
+        for raw in entries(reservation, "Instances", place):
+            resource_id(raw, "InstanceId", place)
+            out.append(raw)
+    return out
+
+
+def state_name(raw: Mapping[str, Any]) -> str:
+    """An instance's State.Name ("pending" when missing or not a string)."""
+    return text(mapping(raw.get("State")).get("Name")) or "pending"
 
 
 def tag_key(label: str) -> str:
@@ -26,11 +91,17 @@ def to_tags(labels: Mapping[str, str], name: str | None = None) -> list[dict[str
     return tags
 
 
-def from_tags(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
-    """Labels with canonical keys from AWS tags (``Name`` and ``aws:`` tags dropped)."""
+def from_tags(tags: Any) -> dict[str, str]:
+    """Labels with canonical keys from AWS tags (``Name`` and ``aws:`` tags dropped).
+    A tag that is not an object with a string Key and Value is skipped: ephemera's own
+    tags always are, so such a tag is someone else's and says nothing about a run."""
     labels: dict[str, str] = {}
-    for tag in tags or ():
-        key, value = tag["Key"], tag.get("Value", "")
+    for tag in tags if isinstance(tags, list | tuple) else ():
+        if not isinstance(tag, Mapping):
+            continue
+        key, value = tag.get("Key"), tag.get("Value", "")
+        if not isinstance(key, str) or not isinstance(value, str):
+            continue
         if key == "Name" or key.startswith("aws:"):
             continue
         if key.startswith(TAG_PREFIX) and key[len(TAG_PREFIX):] in LABEL_KEYS:
@@ -124,9 +195,14 @@ class Options:
 
 def attached_groups(raw: Mapping[str, Any]) -> list[Mapping[str, str]]:
     """Security groups of an instance, from the instance and its network interfaces."""
-    attached = list(raw.get("SecurityGroups", []))
-    for interface in raw.get("NetworkInterfaces", []):
-        attached += interface.get("Groups", [])
+    def groups(value: Any) -> list[Mapping[str, str]]:
+        listed = value if isinstance(value, list | tuple) else []
+        return [g for g in listed if isinstance(g, Mapping) and isinstance(g.get("GroupId"), str)]
+
+    attached = groups(raw.get("SecurityGroups"))
+    interfaces = raw.get("NetworkInterfaces")
+    for interface in interfaces if isinstance(interfaces, list | tuple) else []:
+        attached += groups(mapping(interface).get("Groups"))
     return attached
 
 
@@ -135,14 +211,15 @@ def data_from_instance(raw: Mapping[str, Any], region: str) -> dict[str, str]:
     labels = from_tags(raw.get("Tags"))
     name = resource_name(labels.get(LABEL_RUN_ID, ""))
     groups = [g["GroupId"] for g in attached_groups(raw) if g.get("GroupName") == name]
+    key_name = text(raw.get("KeyName"))
     return {
         "region": region,
-        "key_name": raw.get("KeyName", ""),
-        "key_owned": "1" if raw.get("KeyName") == name else "",
+        "key_name": key_name,
+        "key_owned": "1" if key_name == name else "",
         "security_group_id": groups[0] if groups else "",
         "group_owned": "1" if groups else "",
         "market": "spot" if raw.get("InstanceLifecycle") == "spot" else "on-demand",
-        "availability_zone": (raw.get("Placement") or {}).get("AvailabilityZone", ""),
+        "availability_zone": text(mapping(raw.get("Placement")).get("AvailabilityZone")),
         "ssh_user": "ubuntu",
     }
 

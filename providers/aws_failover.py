@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ephemera_providers.aws_common import Options, is_boto_error
+from ephemera_providers.aws_common import Options, is_boto_error, mapping, text
 from ephemera_providers.aws_errors import (
     QUOTA_CODES,
     SPOT_ROLE_HINT,
@@ -167,7 +167,7 @@ class Failover:
         """Market, zone and hourly price of what was launched (written to Instance.data,
         read by the cost report). Spot is priced from the zone's price history when
         AWS gives it, else from the catalog; on-demand from the plan or the catalog."""
-        zone = (raw.get("Placement") or {}).get("AvailabilityZone", "")
+        zone = text(mapping(raw.get("Placement")).get("AvailabilityZone"))
         priced: tuple[float, str] | None = None
         if market == "spot":
             from ephemera_providers.aws_prices import spot_price_now

@@ -12,6 +12,7 @@ A mixin of :class:`ephemera_providers.aws.AWSProvider`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,11 +22,15 @@ from ephemera_providers.aws_common import (
     LIVE_STATES,
     Options,
     attached_groups,
+    bad_answer,
     data_from_instance,
+    entries,
     from_tags,
     matches,
     orphan,
+    resource_id,
     tag_key,
+    text,
 )
 from ephemera_providers.aws_errors import IncompleteSearchError, Kind, classify_code
 
@@ -130,7 +135,8 @@ class RunSearch:
             try:
                 reply = self._call("ec2", region, "describe_regions", Filters=[
                     {"Name": "opt-in-status", "Values": ["opt-in-not-required", "opted-in"]}])
-                regions = sorted(r["RegionName"] for r in reply.get("Regions", []))
+                where = f"DescribeRegions in {region}"
+                regions = sorted(_region_name(r, where) for r in entries(reply, "Regions", where))
             except EphemeraError as exc:
                 failures.append(f"listing the enabled regions from {region}: {exc}")
             regions = regions or [region]
@@ -201,17 +207,22 @@ class RunSearch:
         live = self._describe(region, ours + [
             {"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
         used_groups = {g["GroupId"] for raw in live for g in attached_groups(raw)}
-        used_keys = {raw.get("KeyName") for raw in live}
+        used_keys = {text(raw.get("KeyName")) for raw in live}
         found = [self._instance_from(raw, region, data=data_from_instance(raw, region))
                  for raw in live if matches(from_tags(raw.get("Tags")), labels)]
-        for group in self._call("ec2", region, "describe_security_groups",
-                                Filters=ours + wanted)["SecurityGroups"]:
-            if group["GroupId"] not in used_groups:
-                found.append(orphan("security-group", group["GroupId"], region,
+        where = f"DescribeSecurityGroups in {region}"
+        for group in entries(self._call("ec2", region, "describe_security_groups",
+                                        Filters=ours + wanted), "SecurityGroups", where):
+            group_id = resource_id(group, "GroupId", where)
+            if group_id not in used_groups:
+                found.append(orphan("security-group", group_id, region,
                                     from_tags(group.get("Tags"))))
-        for key in self._call("ec2", region, "describe_key_pairs", Filters=ours + wanted)["KeyPairs"]:
-            if key["KeyName"] not in used_keys:
-                found.append(orphan("key-pair", key["KeyName"], region, from_tags(key.get("Tags"))))
+        where = f"DescribeKeyPairs in {region}"
+        for key in entries(self._call("ec2", region, "describe_key_pairs",
+                                      Filters=ours + wanted), "KeyPairs", where):
+            name = resource_id(key, "KeyName", where)
+            if name not in used_keys:
+                found.append(orphan("key-pair", name, region, from_tags(key.get("Tags"))))
         return found
 
     def _prune_records(self, found: list[Instance]) -> None:
@@ -223,3 +234,10 @@ class RunSearch:
                               keep_run_ids={i.run_id for i in found})
         except OSError:
             pass  # the records stay; the next complete reap tries again
+
+
+def _region_name(entry: Mapping[str, Any], where: str) -> str:
+    name = entry.get("RegionName")
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", name):
+        raise bad_answer(where, "RegionName", name, "a region name")
+    return name

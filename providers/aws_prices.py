@@ -10,14 +10,21 @@ types ephemera knows.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
+from ephemera_providers.aws_common import entries, mapping, shown
+
+from ephemera.errors import InfraError
 from ephemera.provider import Offer
 
 PRICING_REGION = "us-east-1"
+# A Price List product is a few kB of JSON; the most of one that is read.
+MAX_PRODUCT_CHARS = 1_000_000
+MAX_PAGES = 1000
 
 
 def make_provider() -> Any:
@@ -42,21 +49,59 @@ def on_demand_price(provider: Any, instance_type: str, region: str) -> float | N
     """USD per hour for Linux, shared tenancy; None when AWS lists no such product."""
     reply = provider._call("pricing", PRICING_REGION, "get_products", ServiceCode="AmazonEC2",
                            Filters=_product_filters(instance_type, region), MaxResults=100)
+    where = f"Price List GetProducts for {instance_type} in {region}"
     prices = []
-    for text in reply.get("PriceList", []):
-        product = json.loads(text) if isinstance(text, str) else text
-        for term in product.get("terms", {}).get("OnDemand", {}).values():
-            for dimension in term.get("priceDimensions", {}).values():
-                usd = dimension.get("pricePerUnit", {}).get("USD")
-                if usd and float(usd) > 0:
-                    prices.append(float(usd))
+    for index, item in enumerate(entries(reply, "PriceList", where, of=(str, dict))):
+        product = _product(item, f"{where}: PriceList[{index}]")
+        for term in _values(mapping(product.get("terms")).get("OnDemand")):
+            for dimension in _values(mapping(term).get("priceDimensions")):
+                usd = mapping(mapping(dimension).get("pricePerUnit")).get("USD")
+                price = _price(usd, f"{where}: pricePerUnit.USD")
+                if price:
+                    prices.append(price)
     return min(prices) if prices else None
+
+
+def _product(item: Any, where: str) -> Mapping[str, Any]:
+    """One Price List product: a JSON object, as text or already decoded."""
+    if isinstance(item, str):
+        if len(item) > MAX_PRODUCT_CHARS:
+            raise InfraError(f"{where} is {len(item)} characters long (at most "
+                             f"{MAX_PRODUCT_CHARS} are read).")
+        try:
+            item = json.loads(item)
+        except (ValueError, RecursionError) as exc:
+            raise InfraError(f"{where} is not JSON ({shown(str(exc))}).") from None
+    if not isinstance(item, Mapping):
+        raise InfraError(f"{where} is not a JSON object.")
+    return item
+
+
+def _values(value: Any) -> list[Any]:
+    return list(value.values()) if isinstance(value, Mapping) else []
+
+
+def _price(value: Any, where: str) -> float | None:
+    """A price in USD per hour: a finite number at least 0 (a number or its text);
+    None when the answer gives none."""
+    if value is None or value == "":
+        return None
+    price = math.nan
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        try:
+            price = float(value)
+        except (ValueError, OverflowError):
+            pass
+    if not math.isfinite(price) or price < 0:
+        raise InfraError(f"{where} = {shown(value)[:80]} is not a price.")
+    return price
 
 
 def spot_prices(provider: Any, instance_types: list[str], region: str) -> dict[str, float]:
     """The lowest current spot price per type across the region's zones."""
     out: dict[str, float] = {}
     token = None
+    seen: set[str] = set()
     while True:
         params: dict[str, Any] = {"InstanceTypes": instance_types,
                                   "ProductDescriptions": ["Linux/UNIX"],
@@ -64,13 +109,20 @@ def spot_prices(provider: Any, instance_types: list[str], region: str) -> dict[s
         if token:
             params["NextToken"] = token
         reply = provider._call("ec2", region, "describe_spot_price_history", **params)
-        for item in reply.get("SpotPriceHistory", []):
-            price = float(item["SpotPrice"])
-            kind = item["InstanceType"]
+        where = f"DescribeSpotPriceHistory in {region}"
+        for item in entries(reply, "SpotPriceHistory", where):
+            price = _price(item.get("SpotPrice"), f"{where}: SpotPrice")
+            kind = item.get("InstanceType")
+            if price is None or kind not in instance_types:
+                continue  # no price, or a type that was not asked for
             out[kind] = min(price, out.get(kind, price))
         token = reply.get("NextToken")
         if not token:
             return out
+        if not isinstance(token, str) or token in seen or len(seen) >= MAX_PAGES:
+            raise InfraError(f"AWS {where} gave NextToken {shown(token)[:80]} again or "
+                             f"more than {MAX_PAGES} pages; stopped reading.")
+        seen.add(token)
 
 
 def spot_price_now(provider: Any, instance_type: str, region: str, zone: str) -> float | None:
@@ -85,9 +137,19 @@ def spot_price_now(provider: Any, instance_type: str, region: str, zone: str) ->
         reply = provider.client("ec2", region).describe_spot_price_history(**params)
     except Exception:  # noqa: BLE001 - the price is a report detail, never a reason to fail
         return None
-    prices = [float(item["SpotPrice"]) for item in reply.get("SpotPriceHistory", [])
-              if item.get("InstanceType") == instance_type
-              and (not zone or item.get("AvailabilityZone") == zone)]
+    prices = []
+    items = reply.get("SpotPriceHistory") if isinstance(reply, Mapping) else None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, Mapping) or item.get("InstanceType") != instance_type:
+            continue
+        if zone and item.get("AvailabilityZone") != zone:
+            continue
+        try:
+            price = _price(item.get("SpotPrice"), "SpotPrice")
+        except InfraError:
+            continue  # a malformed entry is no price; the catalog's is used instead
+        if price:
+            prices.append(price)
     return min(prices) if prices else None
 
 

@@ -13,6 +13,7 @@ service not answering) is unknown, and launch goes on as before.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class QuotaReader:
         for operation in QUOTA_OPERATIONS:
             try:
                 reply = getattr(client, operation)(ServiceCode="ec2", QuotaCode=code)
-                return float(reply["Quota"]["Value"])
+                return quota_value(reply)
             except Exception as exc:  # noqa: BLE001 - unreadable means unknown
                 if _code(exc) != "NoSuchResourceException":
                     return None
@@ -108,6 +109,17 @@ class QuotaReader:
             return None
         return QuotaShortfall(region=region, market=market, code=code, name=name,
                               value=value, needed=vcpus)
+
+
+def quota_value(reply: Any) -> float | None:
+    """The Quota.Value of a GetServiceQuota answer: a number of vCPUs, at least 0; None
+    (unknown, the check is skipped) for anything else."""
+    quota = reply.get("Quota") if isinstance(reply, dict) else None
+    value = quota.get("Value") if isinstance(quota, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def _code(exc: BaseException) -> str:

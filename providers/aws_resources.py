@@ -7,14 +7,20 @@ A mixin of :class:`ephemera_providers.aws.AWSProvider`: it relies on the provide
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ephemera_providers.aws_common import (
     TAG_PREFIX,
     Options,
+    bad_answer,
+    entries,
+    mapping,
+    resource_id,
     resource_name,
     ssh_cidr,
+    text,
     to_tags,
 )
 from ephemera_providers.aws_errors import Kind, classify, error_code, to_ephemera_error
@@ -25,6 +31,11 @@ from ephemera.provider import LABEL_KEYS, LaunchSpec
 DLAMI_PARAMETER = (
     "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 )
+
+
+# The largest EBS volume (io2 Block Express, 64 TiB) and the shape of a device name.
+MAX_VOLUME_GIB = 65536
+DEVICE_NAME = re.compile(r"/dev/[a-z0-9]{1,32}")
 
 
 class SkipRegion(Exception):
@@ -72,14 +83,17 @@ class LaunchResources:
                     hint="Set EPHEMERA_AWS_AMI or resources.aws.ami to a GPU AMI with Docker and the NVIDIA toolkit.",
                 ) from None
             raise to_ephemera_error(exc, "ssm:GetParameter (Deep Learning AMI)", region) from exc
-        return reply["Parameter"]["Value"]
+        return resource_id(mapping(reply).get("Parameter"), "Value",
+                           f"ssm:GetParameter {DLAMI_PARAMETER} in {region}")
 
     def _image_root(self, region: str, ami: str) -> tuple[str, int]:
         """Root device name and the size of its snapshot (the disk must be at least that)."""
         from botocore.exceptions import ClientError
 
+        where = f"DescribeImages {ami} in {region}"
         try:
-            images = self._call_raw("ec2", region, "describe_images", ImageIds=[ami])["Images"]
+            images = entries(self._call_raw("ec2", region, "describe_images", ImageIds=[ami]),
+                             "Images", where)
         except ClientError as exc:
             if classify(exc) in (Kind.INVALID, Kind.NOT_FOUND):
                 images = []
@@ -87,12 +101,16 @@ class LaunchResources:
                 raise to_ephemera_error(exc, "DescribeImages", region) from exc
         if not images:
             raise ConfigError(f"AMI {ami} does not exist in {region} (EPHEMERA_AWS_AMI / resources.aws.ami).")
-        image = images[0]
-        root = image.get("RootDeviceName") or "/dev/sda1"
+        root = images[0].get("RootDeviceName") or "/dev/sda1"
+        if not isinstance(root, str) or not DEVICE_NAME.fullmatch(root):
+            raise bad_answer(where, "RootDeviceName", root, "a device name")
         size = 0
-        for mapping in image.get("BlockDeviceMappings", []):
-            if mapping.get("DeviceName") == root:
-                size = int(mapping.get("Ebs", {}).get("VolumeSize") or 0)
+        for index, device in enumerate(entries(images[0], "BlockDeviceMappings", where)):
+            if device.get("DeviceName") == root:
+                size = mapping(device.get("Ebs")).get("VolumeSize") or 0
+                if type(size) is not int or not 0 <= size <= MAX_VOLUME_GIB:
+                    raise bad_answer(where, f"BlockDeviceMappings[{index}].Ebs.VolumeSize", size,
+                                     f"a size in GiB from 0 to {MAX_VOLUME_GIB}")
         return root, size
 
     def _subnets(self, region: str, instance_type: str, opts: Options,
@@ -102,34 +120,36 @@ class LaunchResources:
         wanted = list(opts.get("subnet_ids") or [])
         if not wanted and self.settings.aws_subnet_id:
             wanted = [self.settings.aws_subnet_id]
+        where = f"DescribeSubnets in {region}"
         if wanted:
-            found = self._call("ec2", region, "describe_subnets",
-                               Filters=[{"Name": "subnet-id", "Values": wanted}])["Subnets"]
-            by_id = {s["SubnetId"]: s for s in found}
+            found = entries(self._call("ec2", region, "describe_subnets", Filters=[
+                {"Name": "subnet-id", "Values": wanted}]), "Subnets", where)
+            by_id = {resource_id(s, "SubnetId", where): s for s in found}
             subnets = [s for s in wanted if s in by_id]
             if not subnets:
                 failures.append(f"{region}: none of the subnets {', '.join(wanted)} is in this region")
                 raise SkipRegion("subnets")
-            return list(subnets), by_id[subnets[0]]["VpcId"]
-        vpcs = self._call("ec2", region, "describe_vpcs",
-                          Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+            return list(subnets), resource_id(by_id[subnets[0]], "VpcId", where)
+        vpcs = entries(self._call("ec2", region, "describe_vpcs", Filters=[
+            {"Name": "is-default", "Values": ["true"]}]), "Vpcs", f"DescribeVpcs in {region}")
         if not vpcs:
             raise ConfigError(
                 f"{region} has no default VPC, so ephemera does not know where to launch.",
                 hint="Set EPHEMERA_AWS_SUBNET_ID or resources.aws.subnet_ids.")
-        vpc_id = vpcs[0]["VpcId"]
-        subnets = self._call("ec2", region, "describe_subnets", Filters=[
+        vpc_id = resource_id(vpcs[0], "VpcId", f"DescribeVpcs in {region}")
+        subnets = entries(self._call("ec2", region, "describe_subnets", Filters=[
             {"Name": "vpc-id", "Values": [vpc_id]},
-            {"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
-        offered = {o["Location"] for o in self._call(
+            {"Name": "default-for-az", "Values": ["true"]}]), "Subnets", where)
+        offered = {text(o.get("Location")) for o in entries(self._call(
             "ec2", region, "describe_instance_type_offerings", LocationType="availability-zone",
-            Filters=[{"Name": "instance-type", "Values": [instance_type]}])["InstanceTypeOfferings"]}
-        usable = sorted((s for s in subnets if s["AvailabilityZone"] in offered),
+            Filters=[{"Name": "instance-type", "Values": [instance_type]}]),
+            "InstanceTypeOfferings", f"DescribeInstanceTypeOfferings in {region}")}
+        usable = sorted((s for s in subnets if text(s.get("AvailabilityZone")) in offered - {""}),
                         key=lambda s: s["AvailabilityZone"])
         if not usable:
             failures.append(f"{region}: {instance_type} is not offered in any zone")
             raise SkipRegion("not offered")
-        return [s["SubnetId"] for s in usable], vpc_id
+        return [resource_id(s, "SubnetId", where) for s in usable], vpc_id
 
     def _ensure_key(self, region: str, spec: LaunchSpec, opts: Options,
                     created: dict[str, str]) -> str:
@@ -170,15 +190,18 @@ class LaunchResources:
         if vpc_id:
             params["VpcId"] = vpc_id
         try:
-            group_id = self._call_raw("ec2", region, "create_security_group", **params)["GroupId"]
+            group_id = resource_id(self._call_raw("ec2", region, "create_security_group", **params),
+                                   "GroupId", f"CreateSecurityGroup in {region}")
         except ClientError as exc:
             if error_code(exc) != "InvalidGroup.Duplicate":
                 raise to_ephemera_error(exc, "CreateSecurityGroup", region) from exc
             filters = [{"Name": "group-name", "Values": [name]}]
             if vpc_id:
                 filters.append({"Name": "vpc-id", "Values": [vpc_id]})
-            group_id = self._call("ec2", region, "describe_security_groups",
-                                  Filters=filters)["SecurityGroups"][0]["GroupId"]
+            where = f"DescribeSecurityGroups in {region}"
+            groups = entries(self._call("ec2", region, "describe_security_groups",
+                                        Filters=filters), "SecurityGroups", where)
+            group_id = resource_id(groups[0] if groups else {}, "GroupId", where)
         created["security_group_id"] = group_id
         try:
             self._call_raw("ec2", region, "authorize_security_group_ingress", GroupId=group_id,
