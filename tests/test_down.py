@@ -219,7 +219,7 @@ def test_reap_goes_on_past_damaged_run_directories(contract_local):
         directory.mkdir(parents=True)
         (directory / "labels.json").write_text(text)
     time.sleep(3.5)
-    outcome = CliRunner().invoke(cli, ["reap", "--provider", "local", "--json"])
+    outcome = CliRunner().invoke(cli, ["reap", "--provider", "local", "--json", "--all-owners"])
     assert outcome.exit_code == 0, (outcome.output, outcome.exception)
     report = json.loads(outcome.stdout)
     assert [i["run_id"] for i in report["expired"]] == ["reap-expired"]

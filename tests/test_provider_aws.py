@@ -352,7 +352,7 @@ def test_reap_cli_dry_run_lists_and_touches_nothing(aws):
     from ephemera.cli import cli
 
     old = _launch_for(aws, "run-cli", "tester", datetime.now(UTC) - timedelta(minutes=1))
-    result = CliRunner().invoke(cli, ["reap", "--provider", "aws", "--dry-run"])
+    result = CliRunner().invoke(cli, ["reap", "--provider", "aws", "--dry-run", "--all-owners"])
     assert result.exit_code == 0, result.output
     assert f"would terminate: aws {old.id} (run run-cli" in result.output
     assert _state(old.id) in ("pending", "running")
