@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -136,28 +137,50 @@ class Measured:
     max_rss_bytes: int
 
 
+# Starts the command from a small process and reports the command's own use. Linux
+# counts, in a child's peak memory, the memory of the process it was forked from
+# before its exec: forked straight from a big test process, any command would look big.
+_TRAMPOLINE = """
+import json, os, sys
+report, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as fh:
+    json.dump({"status": status, "cpu": usage.ru_utime + usage.ru_stime,
+               "maxrss": usage.ru_maxrss}, fh)
+"""
+
+
 def run_measured(args: Sequence[str | os.PathLike[str]], *, timeout: float = 60,
                  cwd: Path | None = None) -> Measured:
-    """Run a command and read its own resource use (``os.wait4`` on its pid, so other
-    children of the test process do not count)."""
+    """Run a command and read its own resource use (``os.wait4`` on its pid, in a small
+    trampoline process, so neither other children of the test process nor the test
+    process's own size count)."""
+    import json
+    import signal
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "usage.json"
         start = time.monotonic()
-        proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=err, cwd=cwd)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.01)
+        proc = subprocess.Popen([sys.executable, "-c", _TRAMPOLINE, str(report), *map(str, args)],
+                                stdout=out, stderr=err, cwd=cwd, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         wall = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        usage = json.loads(report.read_text()) if report.exists() else \
+            {"status": proc.returncode, "cpu": float("nan"), "maxrss": 0}
         out.seek(0)
         err.seek(0)
-        return Measured(proc.returncode, out.read().decode(errors="replace"),
-                        err.read().decode(errors="replace"), wall,
-                        usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+        return Measured(os.waitstatus_to_exitcode(usage["status"]) if report.exists() else proc.returncode,
+                        out.read().decode(errors="replace"), err.read().decode(errors="replace"),
+                        wall, usage["cpu"], usage["maxrss"] * 1024)
