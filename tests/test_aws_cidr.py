@@ -25,10 +25,10 @@ def test_narrow_networks_pass(value, network):
 
 
 @pytest.mark.parametrize(("value", "says"), [
-    ("10.0.0.0/16", "wider than /24"),
+    ("198.51.0.0/16", "wider than /24"),
     ("0.0.0.0/0", "wider than /24"),
     ("2001:db8::/48", "wider than /64"),
-    ("10.0.0.5/16", "host bits set"),
+    ("198.51.100.5/16", "host bits set"),
     ("198.51.100.9/24", "host bits set"),
 ])
 def test_wide_or_host_bits_are_refused_naming_the_setting(value, says):
@@ -40,20 +40,20 @@ def test_wide_or_host_bits_are_refused_naming_the_setting(value, says):
 
 def test_host_bits_hint_offers_the_single_address():
     with pytest.raises(ConfigError) as err:
-        checked_cidr("10.0.0.5/16", FIELD)
-    assert "10.0.0.5/32" in err.value.hint and "10.0.0.0/16!" in err.value.hint
+        checked_cidr("198.51.100.5/16", FIELD)
+    assert "198.51.100.5/32" in err.value.hint and "198.51.0.0/16!" in err.value.hint
 
 
 @pytest.mark.parametrize(("value", "network"), [
-    ("10.0.0.0/16!", "10.0.0.0/16"),
-    ("10.0.0.5/16!", "10.0.0.0/16"),
+    ("198.51.0.0/16!", "198.51.0.0/16"),
+    ("198.51.100.5/16!", "198.51.0.0/16"),
     ("0.0.0.0/0 !", "0.0.0.0/0"),
 ])
 def test_a_trailing_bang_forces_the_network(value, network):
     assert checked_cidr(value, FIELD) == network
 
 
-@pytest.mark.parametrize("value", ["nonsense", "10.0.0.0/33!", "!"])
+@pytest.mark.parametrize("value", ["nonsense", "198.51.0.0/33!", "!"])
 def test_not_a_cidr_is_refused(value):
     with pytest.raises(ConfigError, match="is not a CIDR"):
         checked_cidr(value, FIELD)
@@ -63,7 +63,7 @@ def test_not_a_cidr_is_refused(value):
 def test_launch_refuses_a_wide_setting_and_creates_nothing(contract_aws, monkeypatch):
     from ephemera.settings import reset_settings
 
-    monkeypatch.setenv("EPHEMERA_AWS_SSH_CIDR", "10.0.0.0/16")
+    monkeypatch.setenv("EPHEMERA_AWS_SSH_CIDR", "198.51.0.0/16")
     reset_settings()
     provider = type(contract_aws.provider)(retry_base_seconds=0.01, retry_max_seconds=0.05)
     with pytest.raises(ConfigError, match="EPHEMERA_AWS_SSH_CIDR"):
@@ -79,13 +79,13 @@ def test_launch_refuses_a_wide_setting_and_creates_nothing(contract_aws, monkeyp
 @pytest.mark.timeout(120)
 def test_launch_with_a_forced_wide_job_option_opens_that_network(contract_aws):
     spec = contract_aws.make_spec("run-forced", options={"aws": {
-        "ssh_user": contract_aws.sshd.user, "ssh_cidr": "10.0.0.0/16!"}})
+        "ssh_user": contract_aws.sshd.user, "ssh_cidr": "198.51.0.0/16!"}})
     instance = contract_aws.provider.launch(spec)
     try:
         ec2 = boto3.client("ec2", region_name="us-east-1")
         group = ec2.describe_security_groups(
             GroupIds=[instance.data["security_group_id"]])["SecurityGroups"][0]
         ranges = [r["CidrIp"] for p in group["IpPermissions"] for r in p.get("IpRanges", [])]
-        assert ranges == ["10.0.0.0/16"]
+        assert ranges == ["198.51.0.0/16"]
     finally:
         contract_aws.provider.terminate(instance)
