@@ -38,6 +38,20 @@ def _run_with_fault(target: Target, fault: str) -> tuple[int, dict | None, str, 
     return code, result, run.stderr, run_id
 
 
+def _down_all_leaves_nothing(target: Target, target_name: str, point: str, run_id: str) -> list[str]:
+    """`ephemera down --all`, then what of the run is left: the failures to report."""
+    failures = []
+    down = ephemera("down", "--all", "--json", env=target.env, timeout=240)
+    if down.returncode != 0:
+        failures.append(f"{point}: down --all exited {down.returncode}: {down.stderr[-1500:]}")
+    if target_name == "aws_target":
+        end_vm_processes(run_id)
+    left = target.leftovers(run_id)
+    if left:
+        failures.append(f"{point}: left after down --all: {left}; down said: {down.stderr[-800:]}")
+    return failures
+
+
 @pytest.mark.parametrize("target_name", TARGETS)
 @pytest.mark.timeout(900)
 def test_sigkill_at_every_step_then_down_leaves_nothing(request, target_name):
@@ -48,14 +62,7 @@ def test_sigkill_at_every_step_then_down_leaves_nothing(request, target_name):
         if code != -signal.SIGKILL:
             failures.append(f"{point}: expected the run to die by SIGKILL, exit {code}: {stderr[-1500:]}")
             continue
-        down = ephemera("down", "--all", "--json", env=target.env, timeout=240)
-        if down.returncode != 0:
-            failures.append(f"{point}: down --all exited {down.returncode}: {down.stderr[-1500:]}")
-        if target_name == "aws_target":
-            end_vm_processes(run_id)
-        left = target.leftovers(run_id)
-        if left:
-            failures.append(f"{point}: left after down --all: {left}; down said: {down.stderr[-800:]}")
+        failures += _down_all_leaves_nothing(target, target_name, point, run_id)
     assert failures == [], "\n".join(failures)
 
 
@@ -70,16 +77,10 @@ def test_each_call_and_state_write_failing_once_leaves_nothing(request, target_n
             failures.append(f"{point}: the run crashed (exit {code}): {stderr[-1500:]}")
         elif result is not None and result["status"] == "passed" and point == "provider.launch":
             failures.append(f"{point}: a launch whose reply was lost cannot pass")
-        down = ephemera("down", "--all", "--json", env=target.env, timeout=240)
-        if down.returncode != 0:
-            failures.append(f"{point}: down --all exited {down.returncode}: {down.stderr[-1500:]}")
-        if target_name == "aws_target":
-            end_vm_processes(run_id)
-        left = target.leftovers(run_id)
-        if left:
-            failures.append(f"{point}: left after the run and down --all: {left}")
-        if result is not None and result.get("teardown_verified") and left:
-            failures.append(f"{point}: teardown said verified while {left} remained")
+        left_after = _down_all_leaves_nothing(target, target_name, point, run_id)
+        failures += left_after
+        if result is not None and result.get("teardown_verified") and left_after:
+            failures.append(f"{point}: teardown said verified while something remained")
     assert failures == [], "\n".join(failures)
 
 

@@ -83,7 +83,7 @@ INSTANCE = obj(
     StateReason=obj(Message=st.text(max_size=20)),
     Tags=st.lists(TAG, max_size=4),
     PublicIpAddress=st.sampled_from(["203.0.113.7", "2001:db8::1"]),
-    PrivateIpAddress=st.sampled_from(["10.0.0.7"]),
+    PrivateIpAddress=st.sampled_from(["192.0.2.7"]),
     SubnetId=st.just("subnet-1"),
     KeyName=st.sampled_from(["ephemera-hostile-run", "mine"]),
     SecurityGroups=st.lists(GROUP, max_size=2),
