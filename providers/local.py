@@ -133,7 +133,7 @@ class LocalRemote(ShellRemote):
         end = time.monotonic() + timeout if timeout else None
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         log = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
-        timed_out = False
+        timed_out = finished = False
         try:
             while True:
                 wait = 0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))
@@ -145,6 +145,7 @@ class LocalRemote(ShellRemote):
                         break
                     continue
                 if raw is None:
+                    finished = True
                     break
                 line = mask(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 tail.append(line)
@@ -155,8 +156,11 @@ class LocalRemote(ShellRemote):
         finally:
             if log:
                 log.close()
-            if timed_out or proc.poll() is None:
-                _killpg(proc.pid)  # a timeout, or an exception from on_line
+            if not finished:
+                # A timeout, or an exception from on_line. A command that ended normally
+                # keeps what it started in the background (its shell may still be
+                # exiting: killing the group then would take those with it).
+                _killpg(proc.pid)
         if timed_out:
             proc.wait(timeout=10)
             return CommandResult(exit_status=None, output_tail="\n".join(tail), timed_out=True)

@@ -113,3 +113,32 @@ def test_detached_starts_over_ssh_are_seen_running(sshd, tmp_path, busy_cpu):
     finally:
         _kill_groups(handles)
         remote.close()
+
+
+@pytest.mark.timeout(120)
+def test_what_a_finished_command_left_in_the_background_keeps_running(tmp_path, busy_cpu):
+    """A command that ends normally is not followed by a kill of its process group: what
+    it started in the background (with its output elsewhere) is still running when
+    ``run`` returns, however the shell's own exit and the end of its output interleave
+    (here the shell closes its output a little before it exits, as a daemonising script
+    does)."""
+    remote = LocalRemote(tmp_path, tmp_path / ".pgids")
+    pids: list[int] = []
+    dead = []
+    try:
+        for _ in range(20):
+            result = remote.run("sleep 30 > /dev/null 2>&1 & echo $!; exec > /dev/null 2>&1; sleep 0.1",
+                                timeout=30)
+            assert result.exit_status == 0, result
+            pid = int(result.output_tail.split()[-1])
+            pids.append(pid)
+            if not Path(f"/proc/{pid}").exists() or \
+                    Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                dead.append(pid)
+        assert dead == [], f"{len(dead)} of {len(pids)} background processes were killed"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
