@@ -247,20 +247,25 @@ def state_path(state_dir: Path, run_id: str) -> Path:
 def save_state(state_dir: Path, state: RunState) -> Path:
     """Write atomically (temp file + rename + fsync) so a kill never leaves half a file."""
     state.updated_at = datetime.now(UTC)
-    directory = runs_dir(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = state_path(state_dir, state.run_id)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{state.run_id}.", suffix=".tmp")
+    return write_json_atomic(state_path(state_dir, state.run_id), state.to_dict(), indent=2)
+
+
+def write_json_atomic(path: Path, data: Any, *, indent: int = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` (mode 0600) through a temporary file, fsync
+    and a rename, so a kill at any moment leaves the old file or the new one, never
+    half of one. Used for every record ephemera keeps about its runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(state.to_dict(), fh, indent=2)
+            json.dump(data, fh, indent=indent)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+    return path
 
 
 def read_state_file(path: Path) -> RunState:

@@ -14,15 +14,14 @@ of it was found.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ephemera.provider import format_time, parse_time
+from ephemera.state import write_json_atomic
 
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -60,19 +59,7 @@ def add_region(state_dir: Path, run_id: str, region: str, *, expires_at: datetim
         regions.append(region)
     record.update({"run_id": run_id, "regions": regions, "expires_at": format_time(expires_at),
                    "options": {**(record.get("options") or {}), **dict(options)}})
-    path = record_path(state_dir, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{run_id}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(record_path(state_dir, run_id), record)
 
 
 def all_records(state_dir: Path) -> dict[str, dict[str, Any]]:

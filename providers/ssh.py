@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import posixpath
 import shlex
 from collections.abc import Mapping
@@ -50,6 +49,7 @@ from ephemera.provider import (
 )
 from ephemera.settings import get_settings
 from ephemera.ssh import HostKeyPin, SSHRemote, Target
+from ephemera.state import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +327,7 @@ class SSHProvider:
                   **{k: fields.get(k) for k in _TARGET_KEYS}}
         directory = self._records_dir()
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f".{run_id}.json.tmp"
-            tmp.write_text(json.dumps(record))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, directory / f"{run_id}.json")
+            write_json_atomic(directory / f"{run_id}.json", record)
         except OSError as exc:
             raise InfraError(f"could not record where run {run_id} is launched ({directory}): {exc}; "
                              "not launching what a later `ephemera down` could not find") from None
