@@ -43,6 +43,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -64,6 +65,7 @@ from ephemera_providers.aws_common import (
     text,
     to_tags,
 )
+from ephemera_providers.aws_console import ConsoleHostKeys
 from ephemera_providers.aws_errors import (
     Kind,
     classify,
@@ -72,7 +74,7 @@ from ephemera_providers.aws_errors import (
 )
 from ephemera_providers.aws_failover import Attempt, Failover, wants_spot
 from ephemera_providers.aws_find import RunSearch
-from ephemera_providers.aws_quotas import QuotaReader
+from ephemera_providers.aws_quotas import QuotaReader, quota_for
 from ephemera_providers.aws_resources import DLAMI_PARAMETER, LaunchResources, SkipRegion
 from ephemera_providers.aws_userdata import user_data
 
@@ -113,7 +115,14 @@ _STATE_MAP = {
 }
 
 
-class AWSProvider(LaunchResources, Failover, RunSearch):
+def _check_config() -> Any:
+    """botocore settings for ``ephemera check``: one quick try, never minutes of retries."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1})
+
+
+class AWSProvider(LaunchResources, Failover, RunSearch, ConsoleHostKeys):
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"
@@ -157,7 +166,39 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
         if creds is None:
             return False, (f"boto3 {boto3.__version__}; no AWS credentials found "
                            "(environment, AWS_PROFILE, ~/.aws, SSO or instance role)")
-        return True, f"boto3 {boto3.__version__}; credentials from {creds.method}; region {region}"
+        try:
+            sts = session.client("sts", config=_check_config())
+            account = sts.get_caller_identity().get("Account", "?")
+        except Exception as exc:  # noqa: BLE001 - any refusal is the answer
+            return False, (f"boto3 {boto3.__version__}; credentials from {creds.method} were "
+                           f"refused: {type(exc).__name__}: {exc}")
+        return True, (f"boto3 {boto3.__version__}; account {account}, credentials from "
+                      f"{creds.method}; region {region}")
+
+    @classmethod
+    def check_details(cls, client: Any = None) -> list[str]:
+        """For ``ephemera check``: the on-demand and spot vCPU quotas (Service Quotas) of
+        the GPU families in the catalog, in the default region, one line each."""
+        from ephemera.catalog import builtin_aws_catalog
+
+        provider = cls()
+        region = provider.default_region()
+        if client is None:
+            client = provider.session.client("service-quotas", region_name=region,
+                                              config=_check_config())
+        reader = QuotaReader(lambda _region: client)
+        families: dict[tuple[str, str], set[str]] = {}
+        for offer in builtin_aws_catalog():
+            for market in ("on-demand", "spot"):
+                quota = quota_for(offer.instance_type, market)
+                if quota:
+                    families.setdefault(quota, set()).add(offer.instance_type.split(".")[0])
+        lines = []
+        for (code, name), found in sorted(families.items()):
+            value = reader.value(region, code)
+            shown = "unreadable" if value is None else f"{value:g} vCPUs"
+            lines.append(f"{region} {code} {name} ({', '.join(sorted(found))}): {shown}")
+        return lines
 
     @property
     def session(self) -> Any:
@@ -430,6 +471,12 @@ class AWSProvider(LaunchResources, Failover, RunSearch):
         if not endpoint.proxy_jump and not _ssh_answers(endpoint.host, endpoint.port):
             return instance.evolve(state=InstanceState.RUNNING,
                                    message=f"running, SSH on {endpoint.host}:{endpoint.port} not answering yet")
+        keys = self._console_host_keys(region, instance.id)
+        if keys:
+            endpoint = replace(endpoint, host_key="\n".join(keys))
+        elif not self._host_key_wait_over(instance):
+            return instance.evolve(state=InstanceState.RUNNING, message=(
+                "running, waiting for its SSH host keys in the console output"))
         from ephemera_providers.ssh import home_workroot
 
         workroot = home_workroot(self.settings.ssh_workroot, endpoint.user)

@@ -137,6 +137,32 @@ class DockerProvider:
     def describe(self) -> str:
         return "Containers on the local Docker engine (DOCKER_HOST); GPUs via nvidia-smi."
 
+    @classmethod
+    def check(cls) -> tuple[bool, str]:
+        """For ``ephemera check``: does the engine named by DOCKER_HOST answer, and which
+        GPUs can its containers get (nvidia-smi, and the engine's nvidia runtime)?"""
+        import os
+
+        try:
+            import docker
+        except ImportError:
+            return False, "the Docker SDK is not installed: pip install 'ephemera-gpu[docker]'"
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        try:
+            client = docker.from_env(timeout=5)
+            info = client.info()
+            client.close()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the engine
+            return False, f"cannot reach the Docker engine at {where}: {exc}"
+        gpus = nvidia_gpus()
+        runtime = "nvidia" in (info.get("Runtimes") or {})
+        seen = (f"{len(gpus)} GPU(s): {', '.join(sorted({g[0] for g in gpus}))}" if gpus
+                else "no GPUs (nvidia-smi found none): CPU jobs only")
+        if gpus and not runtime:
+            seen += "; the engine has no nvidia runtime (install the NVIDIA Container Toolkit)"
+        return True, (f"Docker {info.get('ServerVersion', '?')} at {where}, "
+                      f"{info.get('NCPU', '?')} CPUs; {seen}")
+
     # -- offers ------------------------------------------------------------------
     def offers(self, request: OfferRequest) -> list[Offer]:
         info = self.client.info()

@@ -117,9 +117,22 @@ class SSHProvider:
     @classmethod
     def check(cls) -> tuple[bool, str]:
         settings = get_settings()
-        if settings.ssh_host:
-            return True, f"default host {settings.ssh_user}@{settings.ssh_host}:{settings.ssh_port}"
-        return True, "needs resources.ssh in the job or EPHEMERA_SSH_HOST"
+        if not settings.ssh_host:
+            return True, "needs resources.ssh in the job or EPHEMERA_SSH_HOST"
+        fields = cls()._resolve(None)
+        where = f"{fields['user']}@{fields['host']}:{fields['port']}"
+        remote = SSHRemote(cls()._target(fields), pin=HostKeyPin(settings.ssh_host_key),
+                           connect_timeout=10, op_timeout=10)
+        try:
+            result = remote.run("nvidia-smi -L 2>/dev/null | wc -l", timeout=15)
+        except EphemeraError as exc:
+            return False, f"default host {where}: {exc.message}"
+        finally:
+            remote.close()
+        pinned = "pinned host key" if settings.ssh_host_key else "host key from known_hosts"
+        gpus = result.output_tail.strip().splitlines()[-1:] if result.ok else []
+        count = gpus[0] if gpus and gpus[0].isdigit() else "?"
+        return True, f"default host {where}: sshd answers, key accepted ({pinned}); {count} GPU(s)"
 
     def describe(self) -> str:
         t = self._resolve(None)
@@ -140,6 +153,8 @@ class SSHProvider:
             "key": str(key) if key else None,
             "workroot": fields.get("workroot") or settings.ssh_workroot,
             "gpus": fields.get("gpus"),
+            "host_key": fields.get("host_key") or (
+                settings.ssh_host_key if host == settings.ssh_host else None),
         }
 
     def _target(self, fields: Mapping[str, Any]) -> Target:
@@ -177,7 +192,7 @@ class SSHProvider:
         declared = fields.get("gpus")
         if declared:
             return [self._declared_offer(declared, instance_type)]
-        remote = self._remote(fields, CONNECT_TIMEOUT)
+        remote = self._remote(fields, CONNECT_TIMEOUT, fields.get("host_key"))
         try:
             result = remote.run(
                 "nproc; awk '/^MemTotal:/ {print $2}' /proc/meminfo; echo @@gpus; "
@@ -241,7 +256,7 @@ class SSHProvider:
             "expires_at": spec.expires_at.astimezone(UTC).isoformat(timespec="seconds"),
         }
         script = _launch_script(workroot, run_id, int(spec.expires_at.timestamp()), record)
-        remote = self._remote(fields, CONNECT_TIMEOUT)
+        remote = self._remote(fields, CONNECT_TIMEOUT, fields.get("host_key"))
         try:
             result = remote.run(script, timeout=60)
         finally:
