@@ -91,6 +91,7 @@ class RunResult:
     teardown_verified: bool | None = None
     server_command: str | None = None
     suite_command: str | None = None
+    judgement: dict[str, Any] | None = None   # results, benchmark, gates (ephemera.gates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,7 @@ class RunResult:
             "server_command": self.server_command,
             "suite_command": self.suite_command,
             "plan": self.plan.to_dict() if hasattr(self.plan, "to_dict") else self.plan,
+            **(self.judgement or {}),
         }
 
 
@@ -150,6 +152,8 @@ class Run:
         self._old_handlers: dict[int, Any] = {}
         self.server_cmd: ServerCommand | None = None
         self.teardown_result: TeardownResult | None = None
+        self.benchmark_result: Any = None   # ephemera.benchmark.BenchmarkResult
+        self.judgement: Any = None          # ephemera.gates.Judgement
         # One masker for everything the run prints and writes (ephemera.masking).
         self.masker = job_masker(loaded, warn=reporter.warn)
         reporter.masker = self.masker
@@ -765,6 +769,10 @@ class Run:
                 self.start_server(uploaded or hub_id)
                 self.wait_healthy()
                 suite_status = self.run_suite()
+                if self.job.benchmark is not None:
+                    from ephemera.benchmark import benchmark_phase
+
+                    self.benchmark_result = benchmark_phase(self)
                 if suite_status == 0:
                     status, code, message = "passed", errors.EXIT_OK, "the suite passed"
                 else:
@@ -803,12 +811,16 @@ class Run:
                                     f"Run `ephemera down {self.run_id}` to finish it.")
             finally:
                 self._restore_signals()
+        from ephemera.gates import judge_run, record
+
+        status, code, message = judge_run(self, status, code, message)
         if not verified:
             code = errors.EXIT_TEARDOWN_FAILED
             message += f"; teardown NOT verified: run `ephemera down {self.run_id}`"
         result = self._result(status, code, message)
         result.teardown_verified = verified if self.state is not None else None
         result.cost = self.report(result)
+        result.judgement = record(self)
         return result
 
     # ---------------------------------------------------------------- report

@@ -15,8 +15,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
+    create_model,
     field_validator,
+    model_validator,
 )
 
 from ephemera.durations import (
@@ -161,6 +164,107 @@ class ResourcesSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Options for third-party providers.")
 
 
+class ResultsSpec(Strict):
+    junit: list[str] = Field(default_factory=list, max_length=50, description=(
+        "Globs of JUnit XML files, relative to the run's artifacts directory ('**' for any "
+        "depth). Default: every collected *.xml file that parses as JUnit."))
+    group_by: str | None = Field(None, description=(
+        "Group the results table by marker, file, class or property:NAME."))
+
+    @field_validator("junit")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+                raise ValueError(f"'{pattern}' must be a relative glob without '..'")
+        return value
+
+    @field_validator("group_by")
+    @classmethod
+    def _grouping(cls, value: str | None) -> str | None:
+        from ephemera.results import check_grouping
+
+        return None if value is None else check_grouping(value)
+
+
+class BenchmarkDataset(Strict):
+    path: str = Field(min_length=1, description=(
+        "Dataset file on the instance, relative to the suite directory (upload it with suite.files)."))
+    format: Literal["custom", "sharegpt"] = Field("custom", description=(
+        "custom: JSON lines with a 'prompt' field; sharegpt: ShareGPT conversations."))
+
+
+class BenchmarkSpec(Strict):
+    requests: int = Field(50, ge=1, le=1_000_000, description="Number of requests.")
+    concurrency: int | None = Field(None, ge=1, le=MAX_NUM_SEQS, description="Requests in flight at most.")
+    request_rate: float | None = Field(None, gt=0, le=1_000_000, description=(
+        "Requests started per second (Poisson arrivals); default: all at once."))
+    input_len: int = Field(128, ge=1, le=10_000_000, description="Prompt tokens (random dataset).")
+    output_len: int = Field(64, ge=1, le=10_000_000, description="Tokens generated per request.")
+    dataset: BenchmarkDataset | None = Field(None, description="Prompts from a file instead of random tokens.")
+    warmup: int = Field(0, ge=0, le=100_000, description="Warm-up requests, not measured.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    endpoint: Literal["chat", "completions"] = "chat"
+    timeout: Duration = Field(default=parse_duration("10m"))
+    args: list[str] = Field(default_factory=list, description="Extra `vllm bench serve` arguments.")
+
+
+class Bound(Strict):
+    max: float | None = Field(None, ge=0, allow_inf_nan=False, description="Absolute upper bound.")
+    min: float | None = Field(None, ge=0, allow_inf_nan=False, description="Absolute lower bound.")
+    max_vs_baseline: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False,
+                                          description="At most this times the baseline.")
+    min_vs_baseline: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False,
+                                          description="At least this times the baseline.")
+
+    @model_validator(mode="after")
+    def _some(self) -> Bound:
+        if all(v is None for v in (self.max, self.min, self.max_vs_baseline, self.min_vs_baseline)):
+            raise ValueError("give at least one of max, min, max_vs_baseline, min_vs_baseline")
+        return self
+
+
+def _benchmark_gates_model() -> type[BaseModel]:
+    from ephemera.benchmark import METRICS
+
+    fields: dict[str, Any] = {name: (Bound | None, None) for name in METRICS}
+    return create_model("BenchmarkGates", __base__=Strict, **fields)
+
+
+BenchmarkGates = _benchmark_gates_model()
+
+
+class PassRateBy(Strict):
+    group: str = Field(description="marker | file | class | property:NAME")
+    min: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(description=(
+        "Least pass rate per group; 'default' for the groups not named."))
+
+    @field_validator("group")
+    @classmethod
+    def _grouping(cls, value: str) -> str:
+        from ephemera.results import check_grouping
+
+        return check_grouping(value)
+
+
+class BaselineSpec(Strict):
+    runs: int = Field(5, ge=1, le=1000, description="Median of this many last passing runs.")
+    ref: str | None = Field(None, description=(
+        "Only runs recorded from this branch (default: the branch of the run)."))
+
+
+class GatesSpec(Strict):
+    pass_rate: float | None = Field(None, ge=0, le=1, description=(
+        "Least overall pass rate: passed / (passed + failed + errors)."))
+    pass_rate_by: PassRateBy | None = None
+    benchmark: BenchmarkGates | None = Field(None, description="Bounds on benchmark figures.")  # type: ignore[valid-type]
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
+
+    @property
+    def on_results(self) -> bool:
+        return self.pass_rate is not None or self.pass_rate_by is not None
+
+
 class Job(Strict):
     name: str = Field(description="Lower-case letters, digits and dashes (at most 63).")
     model: ModelSpec
@@ -172,6 +276,9 @@ class Job(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     env: dict[str, str] = Field(default_factory=dict, description="Environment for the server and the suite.")
     timeout: Duration = Field(default=parse_duration("60m"), description="Deadline for the whole run, teardown included.")
+    results: ResultsSpec = Field(default_factory=ResultsSpec)
+    benchmark: BenchmarkSpec | None = Field(None, description="A load test against the server after the suite.")
+    gates: GatesSpec = Field(default_factory=GatesSpec)
     tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, max_length=MAX_TIERS,
                                              description="Named overrides, deep-merged over the base.")
 
@@ -191,6 +298,13 @@ class Job(Strict):
         for key in value:
             if not re.match(NAME_RE, key):
                 raise ValueError(f"tier name '{key}' must be lower-case letters, digits and dashes")
+        return value
+
+    @field_validator("gates")
+    @classmethod
+    def _gates_need_a_benchmark(cls, value: GatesSpec, info: ValidationInfo) -> GatesSpec:
+        if value.benchmark is not None and info.data.get("benchmark") is None:
+            raise ValueError("gates.benchmark needs a `benchmark:` section to measure")
         return value
 
     def provider_name(self, default: str) -> str:

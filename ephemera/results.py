@@ -330,10 +330,9 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def _glob_match(relative: str, pattern: str) -> bool:
-    """fnmatch with ``**/`` also matching no directory at all."""
-    if fnmatch.fnmatchcase(relative, pattern):
-        return True
-    return pattern.startswith("**/") and fnmatch.fnmatchcase(relative, pattern[3:])
+    """fnmatch (``*`` crosses directories) with ``**/`` also matching no directory."""
+    return (fnmatch.fnmatchcase(relative, pattern)
+            or ("**/" in pattern and fnmatch.fnmatchcase(relative, pattern.replace("**/", ""))))
 
 
 # ---- groups ------------------------------------------------------------------------
@@ -374,6 +373,8 @@ def check_grouping(group: str) -> str:
 def _module_of(classname: str) -> str:
     """pytest's ``tests.test_x.TestY`` -> ``tests/test_x.py``; other runners' class
     names (Go packages, Jest suites) stay as they are."""
+    if "/" in classname or " " in classname:
+        return classname
     parts = classname.split(".")
     while len(parts) > 1 and parts[-1][:1].isupper():
         parts.pop()

@@ -26,6 +26,8 @@ COMMANDS = {
     "down": "down",
     "reap": "reap",
     "cost": "cost",
+    "results": "results",
+    "baseline": "baseline",
     "image": "image",
     "model": "model",
     "catalog": "catalog",
