@@ -40,6 +40,7 @@ from typing import Any
 
 from ephemera.errors import ConfigError
 from ephemera.modelconfig import ModelInfo
+from ephemera.vision import VisionTower, multimodal_profile, vision_tower
 
 GIB = 2**30
 BLOCK_TOKENS = 16
@@ -62,7 +63,21 @@ _FOUR_NORMS = {"gemma2", "gemma3", "gemma3_text"}
 _TIED_ALWAYS = {"gemma", "gemma2", "gemma3", "gemma3_text"}
 _DENSE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
           "phi3", "olmo2", "granite", "internlm2", "yi"}
-_MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
+_MOE = {"mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_next"}
+_MLA = {"deepseek_v2", "deepseek_v3", "kimi_k2"}
+_HYBRID_LINEAR = {"qwen3_next"}
+# Multimodal and renamed families whose text decoder is one of the above.
+_ALIASES = {"qwen2_vl": "qwen2", "qwen2_vl_text": "qwen2", "qwen2_5_vl": "qwen2",
+            "qwen2_5_vl_text": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_text": "qwen3",
+            "qwen3_vl_moe": "qwen3_moe", "qwen3_vl_moe_text": "qwen3_moe", "mistral3": "mistral",
+            "pixtral": "mistral", "llava": "llama", "llava_next": "llama", "idefics3": "llama",
+            "smolvlm": "llama", "internvl": "qwen2", "internvl_chat": "qwen2",
+            "gemma3": "gemma3_text", "kimi_k2": "deepseek_v3"}
+# vLLM's hybrid KV cache manager (V1 engine, from the 0.10 releases on) gives
+# sliding-window layers only the window's blocks; older releases, and
+# --disable-hybrid-kv-cache-manager, give every layer the whole context.
+HYBRID_KV_SINCE = "0.10"
+MXFP4_BYTES = 4.25 / 8        # 4-bit values plus one 8-bit scale per 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,8 @@ class WeightScheme:
     other: float
     activation: int            # bytes of the activation / KV "auto" dtype
     from_checkpoint: bool      # the checkpoint's own format (its files' bytes apply)
+    expert: float | None = None    # bytes for MoE expert weights when they differ (MXFP4)
+    vision_quantized: bool = False  # the checkpoint quantises the vision tower too
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,14 @@ class Shape:
     scheme: WeightScheme
     guessed: bool = False
     notes: tuple[str, ...] = ()
+    kv_layers: int | None = None   # layers holding a full-context KV cache (default: all)
+    mla_dim: int = 0               # MLA: kv_lora_rank + qk_rope_head_dim cached per layer
+    sliding_layers: int = 0
+    sliding_window: int = 0
+    linear_state_bytes: int = 0    # per sequence, all linear-attention layers (one rank: / TP)
+    vision: VisionTower | None = None
+    vision_bytes: float = 0.0      # part of sharded_bytes
+    multimodal_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -124,6 +149,18 @@ class Estimate:
     max_num_batched_tokens: int
     exact_architecture: bool
     notes: list[str] = field(default_factory=list)
+    vision_weights_gib_per_gpu: float = 0.0
+    multimodal_profile_gib_per_gpu: float = 0.0
+    sliding_window_kv_gib_per_request_per_gpu: float = 0.0
+    linear_state_gib_per_request_per_gpu: float = 0.0
+
+    def multimodal_detail(self) -> str:
+        """' (with a X GiB vision tower and Y GiB of multimodal profiling)', or ''."""
+        if not (self.vision_weights_gib_per_gpu or self.multimodal_profile_gib_per_gpu):
+            return ""
+        return (f" (the weights include a {self.vision_weights_gib_per_gpu:.2f} GiB vision tower and "
+                f"the peak {self.multimodal_profile_gib_per_gpu:.2f} GiB of multimodal profiling: "
+                "the largest dummy images through the encoder and their encoder cache)")
 
     @property
     def in_budget_gib_per_gpu(self) -> float:
@@ -145,8 +182,11 @@ class Estimate:
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     """Multimodal configs nest the language model under text_config."""
     text = config.get("text_config")
+    if not isinstance(text, dict):
+        text = config.get("llm_config")   # InternVL's original format
     if isinstance(text, dict):
-        merged = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+        merged = {k: v for k, v in config.items()
+                  if k not in ("text_config", "llm_config", "vision_config")}
         merged.update(text)
         return merged
     return config
@@ -200,8 +240,8 @@ def weight_scheme(config: dict[str, Any] | None, precision: str, quantization: s
         if method == "bitsandbytes":
             linear = 1.0 if qc.get("load_in_8bit") else 0.5 + 1 / 64
             return WeightScheme("bitsandbytes", linear, other, other, True)
-        if method == "mxfp4":
-            return WeightScheme("mxfp4", 4.25 / 8, other, other, True)
+        if method == "mxfp4":  # experts only: attention, router and embeddings stay 16-bit
+            return WeightScheme("mxfp4 experts", other, other, other, True, expert=MXFP4_BYTES)
         bits = qc.get("bits") or qc.get("num_bits")
         linear = int(bits) / 8 if isinstance(bits, int) else 0.5
         notes.append(f"quantization method '{method}' is not modelled: linear layers counted at "
@@ -229,6 +269,19 @@ def weight_scheme(config: dict[str, Any] | None, precision: str, quantization: s
     raise ConfigError(f"precision '{precision}' is not one of fp32, bf16, fp16, fp8, int8, int4.")
 
 
+def _quantizes_vision(config: dict[str, Any] | None) -> bool:
+    """A checkpoint's quantization config covers the vision tower only when it lists the
+    modules it leaves out and the tower is not among them."""
+    qc = (config or {}).get("quantization_config")
+    if not isinstance(qc, dict) or not config or not isinstance(config.get("vision_config"), dict):
+        return False
+    skipped = qc.get("modules_to_not_convert") or qc.get("ignore") or qc.get("ignored_layers")
+    if not isinstance(skipped, list):
+        return False
+    words = ("visual", "vision", "vit", "mm_projector", "multi_modal")
+    return not any(isinstance(m, str) and any(w in m.lower() for w in words) for m in skipped)
+
+
 def _compressed_tensors_bytes(qc: dict[str, Any]) -> float:
     groups = qc.get("config_groups") or {}
     for group in groups.values():
@@ -246,8 +299,9 @@ def _compressed_tensors_bytes(qc: dict[str, Any]) -> float:
 @dataclass
 class _Count:
     linear: int = 0         # quantisable, sharded
-    full: int = 0           # 16-bit, sharded (embeddings, lm_head, vision tower)
+    full: int = 0           # 16-bit, sharded (embeddings, lm_head)
     replicated: int = 0     # 16-bit, on every rank (norms, biases, router)
+    expert: int = 0         # MoE expert matrices (part of linear unless the scheme says)
     active_linear: int = 0
 
     @property
@@ -255,8 +309,105 @@ class _Count:
         return self.linear + self.full + self.replicated
 
 
-def _count(cfg: dict[str, Any], model: str, notes: list[str]) -> tuple[_Count, dict[str, int], bool]:
+def _layer_kinds(cfg: dict[str, Any], mtype: str, layers: int) -> list[str]:
+    """'full', 'sliding' or 'linear' for each decoder layer."""
+    kinds = cfg.get("layer_types")
+    if isinstance(kinds, list) and len(kinds) == layers:
+        names = {"sliding_attention": "sliding", "linear_attention": "linear"}
+        out = [names.get(str(k), "full") for k in kinds]
+    elif mtype in _HYBRID_LINEAR:
+        every = int(cfg.get("full_attention_interval") or 4)
+        out = ["full" if (n + 1) % every == 0 else "linear" for n in range(layers)]
+    elif mtype in ("gemma3", "gemma3_text"):
+        every = int(cfg.get("sliding_window_pattern") or 6)
+        out = ["full" if (n + 1) % every == 0 else "sliding" for n in range(layers)]
+    elif mtype == "gemma2":
+        out = ["sliding" if n % 2 == 0 else "full" for n in range(layers)]
+    else:
+        windowed = cfg.get("sliding_window") and (mtype not in _QKV_BIAS or cfg.get("use_sliding_window"))
+        out = ["sliding" if windowed else "full"] * layers
+    if not cfg.get("sliding_window"):
+        out = ["full" if k == "sliding" else k for k in out]
+    return out
+
+
+def _attention(cfg: dict[str, Any], mtype: str, hidden: int, heads: int, kv: int,
+               head_dim: int) -> tuple[int, int]:
+    """(linear, replicated) parameters of one attention layer."""
+    if mtype in _MLA:
+        q_lora = int(cfg.get("q_lora_rank") or 0)
+        kv_lora = int(cfg.get("kv_lora_rank") or 512)
+        rope = int(cfg.get("qk_rope_head_dim") or 64)
+        nope = int(cfg.get("qk_nope_head_dim") or 128)
+        v_dim = int(cfg.get("v_head_dim") or 128)
+        q = (hidden * q_lora + q_lora * heads * (nope + rope)) if q_lora else hidden * heads * (nope + rope)
+        kv_part = hidden * (kv_lora + rope) + kv_lora * heads * (nope + v_dim)
+        return q + kv_part + heads * v_dim * hidden, q_lora + kv_lora
+    q_out, kv_out = heads * head_dim, kv * head_dim
+    gate = q_out if mtype in _HYBRID_LINEAR else 0          # gated attention output
+    linear = hidden * (q_out + gate) + 2 * hidden * kv_out + q_out * hidden
+    bias = (q_out + 2 * kv_out) if (mtype in _QKV_BIAS or cfg.get("attention_bias")) else 0
+    if mtype == "gpt_oss":
+        bias += hidden + heads                              # o_proj bias, attention sinks
+    qk_norm = 2 * head_dim if (mtype in _QK_NORM or mtype in _HYBRID_LINEAR) else 0
+    return linear, bias + qk_norm
+
+
+def _linear_attention(cfg: dict[str, Any], hidden: int) -> tuple[int, int, int]:
+    """(linear, replicated, state bytes per sequence at 1 byte per value) of one Gated
+    DeltaNet layer (Qwen3-Next): a recurrent state of value heads x key dim x value dim
+    and a convolution state of (kernel - 1) x conv width."""
+    kh, vh = int(cfg.get("linear_num_key_heads") or 16), int(cfg.get("linear_num_value_heads") or 32)
+    kd, vd = int(cfg.get("linear_key_head_dim") or 128), int(cfg.get("linear_value_head_dim") or 128)
+    kernel = int(cfg.get("linear_conv_kernel_dim") or 4)
+    conv = 2 * kh * kd + vh * vd
+    linear = hidden * (2 * kh * kd + 2 * vh * vd) + hidden * 2 * vh + vh * vd * hidden
+    replicated = conv * kernel + 2 * vh + vd
+    return linear, replicated, vh * kd * vd + (kernel - 1) * conv
+
+
+def _moe_settings(cfg: dict[str, Any], mtype: str, inter: int) -> dict[str, int]:
+    if mtype not in _MOE and mtype not in _MLA:
+        return {"experts": 0}
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+    moe_inter = int(cfg.get("moe_intermediate_size") or inter)
+    if mtype in _MLA:
+        shared = int(cfg.get("n_shared_experts") or 0) * moe_inter
+    return {"experts": experts, "topk": int(cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 0),
+            "moe_inter": moe_inter, "shared": shared,
+            "step": int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1),
+            "first_dense": int(cfg.get("first_k_dense_replace") or 0)}
+
+
+def _mlp(c: _Count, cfg: dict[str, Any], mtype: str, layer: int, hidden: int, inter: int,
+         moe: dict[str, int]) -> int:
+    """Adds one layer's MLP to ``c``; returns the MLP width one token passes through."""
+    experts = moe["experts"]
+    sparse = (experts > 0 and layer not in set(cfg.get("mlp_only_layers") or [])
+              and layer >= moe.get("first_dense", 0) and (layer + 1) % moe["step"] == 0
+              if mtype not in _MLA else experts > 0 and layer >= moe["first_dense"]
+              and layer % moe["step"] == 0)
+    if not sparse:
+        c.linear += 3 * hidden * inter
+        c.active_linear += 3 * hidden * inter
+        c.replicated += (2 * inter + hidden) if cfg.get("mlp_bias") is True else 0
+        return inter
+    per_expert = 3 * hidden * moe["moe_inter"]
+    c.linear += experts * per_expert + 3 * hidden * moe["shared"]
+    c.expert += experts * per_expert
+    c.active_linear += moe["topk"] * per_expert + 3 * hidden * moe["shared"]
+    c.replicated += hidden * experts + (hidden if moe["shared"] and mtype not in _MLA else 0)
+    if mtype == "gpt_oss":       # expert biases and the router's bias
+        c.replicated += experts * (2 * moe["moe_inter"] + hidden) + experts
+    if mtype == "deepseek_v3":   # e_score_correction_bias
+        c.replicated += experts
+    return moe["topk"] * moe["moe_inter"] + moe["shared"]
+
+
+def _count(cfg: dict[str, Any], model: str, notes: list[str]) -> tuple[_Count, dict[str, Any], bool]:
     mtype = str(cfg.get("model_type", "")).lower()
+    mtype = _ALIASES.get(mtype, mtype)
     arch = (cfg.get("architectures") or [mtype or "unknown"])[0]
     hidden = _int(cfg, "hidden_size", "n_embd", "d_model", model=model)
     layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", model=model)
@@ -265,7 +416,7 @@ def _count(cfg: dict[str, Any], model: str, notes: list[str]) -> tuple[_Count, d
     head_dim = _int(cfg, "head_dim", default=hidden // max(heads, 1), model=model)
     vocab = _int(cfg, "vocab_size", "padded_vocab_size", model=model)
     inter = _int(cfg, "intermediate_size", "ffn_hidden_size", default=4 * hidden, model=model)
-    modelled = mtype in _DENSE or mtype in _MOE
+    modelled = mtype in _DENSE or mtype in _MOE or mtype in _MLA
     if not modelled:
         notes.append(f"architecture '{arch}' (model_type '{mtype}') is not modelled: counted as "
                      "a Llama-style decoder (attention + gated MLP + norms)")
@@ -273,54 +424,59 @@ def _count(cfg: dict[str, Any], model: str, notes: list[str]) -> tuple[_Count, d
     padded = math.ceil(vocab / VOCAB_PAD) * VOCAB_PAD
     tied = bool(cfg.get("tie_word_embeddings", mtype in _TIED_ALWAYS)) or mtype in _TIED_ALWAYS
     c.full += padded * hidden * (1 if tied else 2)
-    q_out, kv_out = heads * head_dim, kv * head_dim
-    attn = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    attn_bias = (q_out + 2 * kv_out) if (mtype in _QKV_BIAS or cfg.get("attention_bias")) else 0
-    qk_norm = 2 * head_dim if mtype in _QK_NORM else 0
+    kinds = _layer_kinds(cfg, mtype, layers)
+    attn, attn_replicated = _attention(cfg, mtype, hidden, heads, kv, head_dim)
     norms = (4 if mtype in _FOUR_NORMS else 2) * hidden
-    mlp_bias = cfg.get("mlp_bias") is True
-
-    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if mtype in _MOE else 0
-    topk = int(cfg.get("num_experts_per_tok") or 0)
-    moe_inter = int(cfg.get("moe_intermediate_size") or inter)
-    shared_inter = int(cfg.get("shared_expert_intermediate_size") or 0)
-    sparse_step = int(cfg.get("decoder_sparse_step") or 1)
-    dense_only = set(cfg.get("mlp_only_layers") or [])
+    moe = _moe_settings(cfg, mtype, inter)
+    state = 0
     active_inter = inter
-    for layer in range(layers):
-        c.linear += attn
-        c.active_linear += attn
-        c.replicated += attn_bias + qk_norm + norms
-        sparse = experts > 0 and layer not in dense_only and (layer + 1) % sparse_step == 0
-        if sparse:
-            c.linear += experts * 3 * hidden * moe_inter + 3 * hidden * shared_inter
-            c.active_linear += topk * 3 * hidden * moe_inter + 3 * hidden * shared_inter
-            c.replicated += hidden * experts + (hidden if shared_inter else 0)
-            active_inter = topk * moe_inter + shared_inter
+    for layer, kind in enumerate(kinds):
+        if kind == "linear":
+            lin, rep, layer_state = _linear_attention(cfg, hidden)
+            state += layer_state
+            c.linear += lin
+            c.active_linear += lin
+            c.replicated += rep + norms
         else:
-            c.linear += 3 * hidden * inter
-            c.active_linear += 3 * hidden * inter
-            c.replicated += (2 * inter + hidden) if mlp_bias else 0
+            c.linear += attn
+            c.active_linear += attn
+            c.replicated += attn_replicated + norms
+        active_inter = _mlp(c, cfg, mtype, layer, hidden, inter, moe)
     c.replicated += hidden  # final norm
-    vision = _vision_params(cfg if "vision_config" in cfg else {}, notes)
-    c.full += vision
+    mla_dim = (int(cfg.get("kv_lora_rank") or 512) + int(cfg.get("qk_rope_head_dim") or 64)
+               if mtype in _MLA else 0)
+    window = int(cfg.get("sliding_window") or 0)
+    if window and "sliding" in kinds:
+        notes.append(f"{kinds.count('sliding')} of {layers} layers use a {window}-token sliding "
+                     f"window: vLLM {HYBRID_KV_SINCE} and later keep only the window's KV cache for "
+                     "them (older releases, or --disable-hybrid-kv-cache-manager, keep the whole "
+                     "context)")
+    if mla_dim:
+        notes.append(f"multi-head latent attention: the KV cache holds {mla_dim} values per layer "
+                     "per token, the same on every tensor-parallel rank")
+    if state:
+        notes.append(f"{kinds.count('linear')} linear-attention layers hold a fixed state per "
+                     "sequence instead of a KV cache")
     dims = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv,
-            "head_dim": head_dim, "vocab": padded, "intermediate_active": active_inter}
+            "head_dim": head_dim, "vocab": padded, "intermediate_active": active_inter,
+            "kv_layers": kinds.count("full"), "mla_dim": mla_dim,
+            "sliding_layers": kinds.count("sliding"), "sliding_window": window,
+            "linear_state_bytes": state}
     return c, dims, modelled
 
 
-def _vision_params(cfg: dict[str, Any], notes: list[str]) -> int:
-    """A rough vision-tower count (ViT blocks) for multimodal checkpoints."""
-    vc = cfg.get("vision_config")
-    if not isinstance(vc, dict):
-        return 0
-    h = int(vc.get("hidden_size") or 0)
-    i = int(vc.get("intermediate_size") or 4 * h)
-    n = int(vc.get("num_hidden_layers") or vc.get("depth") or 0)
-    if not (h and n):
-        return 0
-    notes.append("the vision encoder is approximated as plain ViT blocks")
-    return n * (4 * h * h + 2 * h * i)
+def _vision_bytes(tower: VisionTower | None, scheme: WeightScheme, quantized: bool,
+                  notes: list[str]) -> float:
+    """The tower at 16-bit (the activation dtype), unless the checkpoint quantises it."""
+    if tower is None:
+        return 0.0
+    if not tower.modelled:
+        notes.append("the vision encoder is approximated as plain ViT blocks")
+    else:
+        notes.append(f"vision tower ({tower.family}) counted: {tower.parameters:,} parameters")
+    if quantized:
+        return tower.linear * scheme.linear + (tower.parameters - tower.linear) * scheme.activation
+    return float(tower.parameters * scheme.activation)
 
 
 def _rotary_params(cfg: dict[str, Any], head_dim: int) -> int:
@@ -339,10 +495,16 @@ def analyse(info: ModelInfo, *, precision: str = "bf16", quantization: str | Non
     count, dims, modelled = _count(cfg, info.model_id, notes)
     arch = str((info.config.get("architectures") or [cfg.get("model_type", "unknown")])[0])
     rotary = _rotary_params(cfg, dims["head_dim"]) * scheme.activation
+    tower = vision_tower(info.config, dims["hidden"])
+    vision_bytes = _vision_bytes(tower, scheme, _quantizes_vision(info.config), notes)
+    dims["linear_state_bytes"] *= scheme.activation
     linear, full, replicated = count.linear, count.full, count.replicated
-    parameters = count.total
-    active = count.active_linear + full + replicated
-    sharded = linear * scheme.linear + full * scheme.other
+    vision_params = tower.parameters if tower else 0
+    parameters = count.total + vision_params
+    active = count.active_linear + full + replicated + vision_params
+    expert_bytes = scheme.expert if scheme.expert is not None else scheme.linear
+    sharded = ((linear - count.expert) * scheme.linear + count.expert * expert_bytes
+               + full * scheme.other + vision_bytes)
     replicated_bytes = replicated * scheme.other + rotary
     st = info.safetensors_params
     if st:
@@ -355,14 +517,15 @@ def analyse(info: ModelInfo, *, precision: str = "bf16", quantization: str | Non
         if not packed:
             parameters = sum(st.values())
             if not scheme.from_checkpoint:
-                linear = max(parameters - full - replicated, 0)
-                sharded = linear * scheme.linear + full * scheme.other
+                linear = max(parameters - full - replicated - vision_params, 0)
+                sharded = linear * scheme.linear + full * scheme.other + vision_bytes
     max_pos = cfg.get("max_position_embeddings")
     return Shape(
-        model=info.model_id, architecture=arch, modelled=modelled, parameters=parameters,
+        model=info.model_id, architecture=arch, parameters=parameters,
         active_parameters=active, sharded_bytes=sharded, replicated_bytes=replicated_bytes,
         scheme=scheme, max_positions=int(max_pos) if max_pos else None, notes=tuple(notes),
-        **dims)
+        modelled=modelled and (tower is None or tower.modelled), vision=tower,
+        vision_bytes=vision_bytes, multimodal_config=info.config if tower else None, **dims)
 
 
 def _guess_shape(info: ModelInfo, scheme: WeightScheme, notes: list[str]) -> Shape:
@@ -395,11 +558,29 @@ def vllm_defaults(gpu_memory_gib: float | None, gpu_name: str | None) -> tuple[i
     return 256, 2048
 
 
-def kv_bytes_per_token(shape: Shape, kv_cache_dtype: str, tensor_parallel_size: int = 1) -> int:
-    """2 x layers x KV heads (per rank) x head_dim x dtype bytes."""
+def kv_bytes_per_token(shape: Shape, kv_cache_dtype: str, tensor_parallel_size: int = 1,
+                       layers: int | None = None) -> int:
+    """KV bytes per token of context in the full-attention layers: 2 x layers x KV heads
+    (per rank) x head_dim x dtype bytes; with MLA, layers x (kv_lora_rank +
+    qk_rope_head_dim) x dtype bytes on every rank."""
     dtype_bytes = 1 if kv_cache_dtype.startswith("fp8") else shape.scheme.activation
+    if layers is None:
+        layers = shape.layers if shape.kv_layers is None else shape.kv_layers
+    if shape.mla_dim:
+        return layers * shape.mla_dim * dtype_bytes
     heads = math.ceil(shape.kv_heads / tensor_parallel_size) if tensor_parallel_size > 1 else shape.kv_heads
-    return 2 * shape.layers * heads * shape.head_dim * dtype_bytes
+    return 2 * layers * heads * shape.head_dim * dtype_bytes
+
+
+def _image_limit(limit_mm_per_prompt: dict[str, Any] | None) -> int | None:
+    """Images (and video frames) one prompt may carry; None when not limited."""
+    if not limit_mm_per_prompt:
+        return None
+    total = 0
+    for value in limit_mm_per_prompt.values():
+        count = value.get("count", 1) if isinstance(value, dict) else value
+        total += int(count) if isinstance(count, int | float) else 0
+    return total
 
 
 def valid_tensor_parallel_sizes(shape: Shape, max_size: int) -> list[int]:
@@ -420,7 +601,9 @@ def valid_tensor_parallel_sizes(shape: Shape, max_size: int) -> list[int]:
 def estimate_shape(shape: Shape, *, max_model_len: int = 4096, tensor_parallel_size: int = 1,
                    gpu_memory_utilization: float = 0.9, kv_cache_dtype: str = "auto",
                    max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                   gpu_memory_gib: float | None = None, gpu_name: str | None = None) -> Estimate:
+                   gpu_memory_gib: float | None = None, gpu_name: str | None = None,
+                   limit_mm_per_prompt: dict[str, Any] | None = None,
+                   mm_processor_kwargs: dict[str, Any] | None = None) -> Estimate:
     """The memory one GPU needs for this shape with these server settings."""
     tp = tensor_parallel_size
     if tp < 1:
@@ -440,15 +623,37 @@ def estimate_shape(shape: Shape, *, max_model_len: int = 4096, tensor_parallel_s
     seqs, tokens = vllm_defaults(gpu_memory_gib, gpu_name)
     seqs = max_num_seqs or seqs
     tokens = max_num_batched_tokens or tokens
-    weights_total = shape.sharded_bytes + shape.replicated_bytes
-    weights_pg = shape.sharded_bytes / tp + shape.replicated_bytes
+    limit = _image_limit(limit_mm_per_prompt)
+    vision_off = shape.vision is not None and limit == 0
+    if vision_off:
+        notes.append("limit_mm_per_prompt allows no images or videos: vLLM serves the text "
+                     "decoder only and neither loads nor profiles the vision tower")
+    vision_bytes = shape.vision_bytes if vision_off else 0.0
+    weights_total = shape.sharded_bytes + shape.replicated_bytes - vision_bytes
+    weights_pg = (shape.sharded_bytes - vision_bytes) / tp + shape.replicated_bytes
     kv_token = kv_bytes_per_token(shape, kv_cache_dtype)
     kv_token_pg = kv_bytes_per_token(shape, kv_cache_dtype, tp)
     request_tokens = math.ceil(max_model_len / BLOCK_TOKENS) * BLOCK_TOKENS
-    kv_request_pg = request_tokens * kv_token_pg
+    window_tokens = min(request_tokens, math.ceil(shape.sliding_window / BLOCK_TOKENS + 1) * BLOCK_TOKENS)
+    sliding_pg = window_tokens * kv_bytes_per_token(shape, kv_cache_dtype, tp, shape.sliding_layers)
+    state_pg = shape.linear_state_bytes / tp
+    kv_request_pg = request_tokens * kv_token_pg + sliding_pg + state_pg
     sampler = SAMPLER_FACTOR * min(seqs, tokens) * shape.vocab * 4
     forward = tokens * (4 * shape.hidden + 3 * shape.intermediate_active / tp) * shape.scheme.activation
     activation = max(sampler, forward)
+    profile, mm_extra = None, 0.0
+    if shape.vision is not None and not vision_off:
+        tower = shape.vision
+        if mm_processor_kwargs and shape.multimodal_config:
+            tower = vision_tower(shape.multimodal_config, shape.hidden, mm_processor_kwargs) or tower
+        profile = multimodal_profile(tower, max_model_len=max_model_len, max_num_batched_tokens=tokens,
+                                     images_per_prompt=limit if limit is not None else 1,
+                                     dtype_bytes=shape.scheme.activation)
+        text_only = activation
+        activation = max(activation + profile.encoder_cache_bytes, profile.encoder_peak_bytes)
+        mm_extra = activation - text_only
+        notes.append(f"multimodal profiling: {profile.items} dummy image(s) of "
+                     f"{profile.tokens_per_image} tokens ({profile.patches_per_image} patches)")
     overhead = (NON_TORCH_GIB[1] if tp == 1 else NON_TORCH_TP_GIB) * GIB
     context = (CUDA_CONTEXT_GIB if tp == 1 else CUDA_CONTEXT_TP_GIB) * GIB
     inside = weights_pg + activation + overhead + kv_request_pg
@@ -465,7 +670,10 @@ def estimate_shape(shape: Shape, *, max_model_len: int = 4096, tensor_parallel_s
         cuda_context_gib_per_gpu=context / GIB, required_gib_per_gpu=required / GIB,
         tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
         max_num_seqs=seqs, max_num_batched_tokens=tokens, exact_architecture=shape.modelled,
-        notes=notes)
+        notes=notes, vision_weights_gib_per_gpu=(shape.vision_bytes - vision_bytes) / tp / GIB,
+        multimodal_profile_gib_per_gpu=mm_extra / GIB,
+        sliding_window_kv_gib_per_request_per_gpu=sliding_pg / GIB,
+        linear_state_gib_per_request_per_gpu=state_pg / GIB)
 
 
 def estimate(info: ModelInfo, *, precision: str = "bf16", quantization: str | None = None,
