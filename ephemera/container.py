@@ -12,9 +12,10 @@ user's own (the ``docker`` group), else ``sudo -n docker``, else a clear error.
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +55,24 @@ def prepare_host(host: Remote, workdir: str, where: str = "the instance") -> tup
     return docker, user[1]
 
 
+class PullProgress:
+    """Reads ``docker pull``'s plain output ("<layer>: Pull complete", ...) into a note of
+    the layers done / total for ``progress``."""
+
+    def __init__(self, image: str, progress: Callable[[str], None] | None) -> None:
+        self.image = image
+        self.progress = progress
+        self.layers: dict[str, str] = {}
+
+    def __call__(self, line: str) -> None:
+        layer, sep, status = line.strip().partition(": ")
+        if not sep or not self.progress or not re.fullmatch(r"[0-9a-f]{6,64}", layer):
+            return
+        self.layers[layer] = status.strip()
+        done = sum(s in ("Pull complete", "Already exists") for s in self.layers.values())
+        self.progress(f"pulling {self.image}: {done}/{len(self.layers)} layers")
+
+
 class ContainerRemote(ShellRemote):
     def __init__(self, host: Remote, name: str, workdir: str, run_id: str = "", *,
                  docker: str = "docker", user: str | None = None) -> None:
@@ -80,7 +99,7 @@ class ContainerRemote(ShellRemote):
                 "-e USER=ephemera ")
 
     def start_container(self, image: str, *, gpus: int, expires_at: datetime, shm_size: str = "1g",
-                        timeout: float = 900) -> None:
+                        timeout: float = 900, progress: Callable[[str], None] | None = None) -> None:
         """Start the run's container. Its main process sleeps until the run's expiry and
         ``--rm`` removes it then: a dead-man switch of its own. The image is pulled
         first (when missing) and the sleep is reckoned after the pull, so a slow pull
@@ -88,7 +107,7 @@ class ContainerRemote(ShellRemote):
         started = time.monotonic()
         q = shlex.quote(image)
         pulled = self.host.run(f"{self.docker} image inspect {q} >/dev/null 2>&1 || {self.docker} pull {q}",
-                               timeout=timeout)
+                               timeout=timeout, on_line=PullProgress(image, progress))
         if not pulled.ok:
             self._image_error(image, pulled)
         lifetime = max(1, int((expires_at - datetime.now(UTC)).total_seconds()))

@@ -53,6 +53,7 @@ from ephemera.teardown import TeardownResult
 _IMAGE_PROVIDERS = {"docker", "local"}
 SERVER_LOG_TAIL = 50
 HEALTH_POLL_SECONDS = 0.25  # readiness is noticed within a quarter of a second
+HEALTH_PROGRESS_SECONDS = 3.0  # vLLM's last log line, while waiting for it
 
 
 def new_run_id(job_name: str, now: datetime | None = None) -> str:
@@ -249,6 +250,8 @@ class Run:
             return
         self.state.status = status
         self.state.instance = self.instance
+        if self.offer is not None:   # for `ephemera ls`: the cost so far
+            self.state.extra["price_per_hour"] = self.offer.price_per_hour
         save_state(self.settings.state_dir, self.state)
         fault_point(f"state-{status}")
 
@@ -473,6 +476,21 @@ class Run:
         except Exception as exc:  # noqa: BLE001
             return f"(could not read the server log: {exc})"
 
+    def _startup_note(self) -> str:
+        """vLLM's last log line, and the bytes of weights downloaded so far (hub models)."""
+        assert self.remote is not None and self.server_cmd is not None
+        hub = "" if f"{self.workdir}/model" in self.server_cmd.argv else (
+            '; du -sb "${HF_HOME:-$HOME/.cache/huggingface}" 2>/dev/null | cut -f1')
+        try:
+            result = self.remote.run(f"tail -n 1 {shlex.quote(self.workdir)}/logs/vllm.log{hub}",
+                                     env=self.server_env(), timeout=10)
+        except Exception:  # noqa: BLE001 - a progress note is never worth failing the run
+            return "vLLM: (log not readable yet)"
+        lines = result.output_tail.strip().splitlines()
+        size = lines.pop() if hub and lines and lines[-1].isdigit() else ""
+        weights = f" [weights {int(size) / 2**30:.2f} GiB downloaded]" if size else ""
+        return f"vLLM{weights}: {self._redact(lines[-1][:200]) if lines else '(no output yet)'}"
+
     def wait_healthy(self) -> None:
         assert self.remote is not None and self.server_cmd is not None and self.server_handle
         deadline, seconds, by_job = self.phase_deadline("health", self.job.server.health_timeout)
@@ -481,6 +499,7 @@ class Run:
             base = f"http://127.0.0.1:{local_port}"
             self.base_url = base
             next_alive_check = 0.0
+            next_progress = time.monotonic() + HEALTH_PROGRESS_SECONDS
             last_detail = ""
             fault_point("health")
             while True:
@@ -490,6 +509,9 @@ class Run:
                     return
                 last_detail = health.detail
                 now = time.monotonic()
+                if now >= next_progress:
+                    next_progress = now + HEALTH_PROGRESS_SECONDS
+                    self.reporter.progress(self._startup_note())
                 if now >= next_alive_check:
                     if not self.remote.is_running(self.server_handle):
                         tail = self._server_log_tail()
@@ -743,6 +765,10 @@ class Run:
                 with self.phase("prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
+                pull = getattr(self.provider, "pull_image", None)
+                if pull is not None:   # before launch: a cancel during a pull is not held
+                    with self.phase("pull", image):
+                        image = pull(image, self.reporter.progress)
                 # Building the built-ins on first use (minutes, once per machine) is not the
                 # job's time: its deadline starts now, right before anything is launched.
                 self._start_clock()
@@ -762,7 +788,8 @@ class Run:
                                                     self.run_id, docker=docker, user=user)
                         expires_at = self.state.expires_at if self.state else datetime.now(UTC) + timedelta(hours=1)
                         container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
-                                                  expires_at=expires_at, timeout=self._time_left("image"))
+                                                  expires_at=expires_at, timeout=self._time_left("image"),
+                                                  progress=self.reporter.progress)
                     self.remote = container
                 self._check_stop()
                 uploaded = self.upload(model_dir)

@@ -32,6 +32,9 @@ class Reporter:
         self._console = None
         self._phase: str | None = None
         self._phase_started = 0.0
+        self._progress = ""             # the latest progress note of the phase
+        self._progress_shown = ""       # the plain progress line written last, and when
+        self._progress_shown_at = 0.0
         if self.live:
             from rich.console import Console
 
@@ -82,10 +85,25 @@ class Reporter:
         prefix = f"{source}| " if source and not self.github else ""
         self._emit(f"{prefix}{text}")
 
+    def progress(self, text: str, every: float = 5.0) -> None:
+        """How a long phase is getting on (layers pulled, bytes downloaded, the server's
+        last log line). On a terminal it follows the phase's spinner; in plain output it
+        is a timestamped line, at most one per ``every`` seconds and only when it changed."""
+        text = self.masker(text.replace("\n", " ").strip())
+        now = time.monotonic()
+        with self._lock:
+            self._progress = text
+            if (self._status is not None or text == self._progress_shown
+                    or now - self._progress_shown_at < every):
+                return
+            self._progress_shown, self._progress_shown_at = text, now
+        self.info(f"  {text}")
+
     # -- phases -------------------------------------------------------------------------
     @contextmanager
     def phase(self, name: str, detail: str = ""):
         self._phase, self._phase_started = name, time.monotonic()
+        self._progress, self._progress_shown, self._progress_shown_at = "", "", 0.0
         label = f"{name}{': ' + detail if detail else ''}"
         self.info(f"> {label}")
         status = None
@@ -109,7 +127,8 @@ class Reporter:
 
     def _tick(self, status, label: str) -> None:
         while self._status is status:
-            status.update(f"{label} ... {time.monotonic() - self._phase_started:.0f}s")
+            note = f"  {self._progress}" if self._progress else ""
+            status.update(f"{label} ... {time.monotonic() - self._phase_started:.0f}s{note}")
             time.sleep(0.5)
 
     @contextmanager

@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -185,7 +185,13 @@ class DockerProvider:
         return offers
 
     # -- launch ------------------------------------------------------------------
-    def _image(self, name: str) -> str:
+    def pull_image(self, name: str, progress: Callable[[str], None] | None = None) -> str:
+        """The image ready on the engine (pulled when missing, with ``progress`` told the
+        layers done / total). Called before launch, where signals are not held: a
+        cancel during a long pull stops it at once."""
+        return self._image(name, progress)
+
+    def _image(self, name: str, progress: Callable[[str], None] | None = None) -> str:
         import docker
 
         from ephemera.cpu_image import IMAGE_REPO, resolve_image
@@ -200,12 +206,33 @@ class DockerProvider:
             raise ConfigError(f"image: the built-in CPU image {ref} is not built on this engine",
                               hint="Build it with: ephemera image build-cpu.")
         try:
-            self.client.images.pull(ref)
+            self._pull(ref, progress or (lambda _text: None))
         except docker.errors.APIError as exc:
             raise ConfigError(f"image: {ref!r} is not on this Docker engine and pulling it failed: "
                               f"{exc.explanation or exc}",
                               hint="Check the name, log in to its registry, or build it here.") from None
         return ref
+
+    def _pull(self, ref: str, progress: Callable[[str], None]) -> None:
+        """Pull ``ref`` through the engine's progress stream: layers done / total."""
+        import docker
+
+        repo, tag = docker.utils.parse_repository_tag(ref)
+        layers: dict[str, str] = {}
+        for event in self.client.api.pull(repo, tag=tag or "latest", stream=True, decode=True):
+            if event.get("error"):
+                raise docker.errors.APIError(event["error"])
+            layer, status = event.get("id"), str(event.get("status", ""))
+            if not layer or status.startswith(("Pulling from", "Digest", "Status")):
+                continue
+            layers[layer] = status
+            done = sum(s in ("Pull complete", "Already exists") for s in layers.values())
+            note = f"pulling {ref}: {done}/{len(layers)} layers"
+            detail = event.get("progressDetail") or {}
+            if status == "Downloading" and detail.get("total"):
+                note += f" ({layer[:12]} {detail.get('current', 0) / 2**20:.0f}/{detail['total'] / 2**20:.0f} MiB)"
+            progress(note)
+        progress(f"pulled {ref}: {len(layers)} layers")
 
     def launch(self, spec: LaunchSpec) -> Instance:
         import docker
