@@ -130,6 +130,23 @@ class SSHTarget(Strict):
         "Directory on the host for runs (absolute or '~/...'); default: the ssh_workroot "
         "setting, ~/ephemera-runs."))
     gpus: list[dict[str, Any]] | None = Field(None, max_length=MAX_DECLARED_GPUS, description="Declared GPUs when the host has no nvidia-smi.")
+    host_key: str | None = Field(None, max_length=16384, description=(
+        "Host key the machine must present: 'TYPE BASE64' lines or a SHA256:... fingerprint "
+        "(else known_hosts decides)."))
+
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, value: str | None) -> str | None:
+        from ephemera.errors import ConfigError
+        from ephemera.hostkeys import accepted_entries
+
+        try:
+            entries = accepted_entries(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        if value is not None and not entries:
+            raise ValueError("host_key is empty: give 'TYPE BASE64' or a SHA256:... fingerprint")
+        return value
 
 
 class DockerOptions(Strict):

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     aws_ssh_host_override: str | None = Field(default=None, description="Reach instances at this host[:port] (bastion forward, tests).")
     aws_use_private_ip: bool = False
     aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
+    aws_host_key_wait: float = Field(default=300.0, ge=0, le=3600, description=(
+        "Seconds to wait after SSH answers for the instance's host keys in its console output "
+        "(then known_hosts or first-use trust decide)."))
     # SSH provider
     ssh_host: str | None = None
     ssh_port: int = Field(default=22, ge=1, le=65535)
@@ -86,6 +89,14 @@ class Settings(BaseSettings):
     ssh_key: Path | None = None
     ssh_workroot: str = Field(default="~/ephemera-runs", description=(
         "Where runs' directories are made on an ssh/aws host; '~/' is the login user's home."))
+    ssh_host_key: str | None = Field(default=None, description=(
+        "Host key ('TYPE BASE64') or SHA256 fingerprint the default ssh host must present."))
+    ssh_bastion_host_key: str | None = Field(default=None, description=(
+        "Host key or SHA256 fingerprint the bastion (aws_bastion) must present."))
+    ssh_known_hosts: Path | None = Field(default=None, description=(
+        "known_hosts file to trust (default: ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts)."))
+    ssh_trust_first_use: bool = Field(default=False, description=(
+        "Accept a host key that nothing vouches for (first-use trust; unsafe on shared networks)."))
     # Local provider
     env_allow: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
         "Names of this machine's environment variables the local provider passes on to the "

@@ -11,8 +11,9 @@ Why it looks the way it does:
   loop, so a command that floods both streams cannot deadlock us.
 - Every command runs in a new session (``setsid``) whose id is reported first on the
   channel, so a timeout can kill the command's whole process group on the host.
-- The host key is pinned on first contact: later connections of the same run must
-  present the same key, or the run stops with :class:`HostKeyChangedError`.
+- A host key is accepted only when something trusted vouches for it (see
+  :mod:`ephemera.hostkeys`); later connections of the same run must present the same
+  key, or the run stops with :class:`HostKeyChangedError`.
 - Environment values are sent on the command's stdin (never on its command line) and
   masked in every line written to the console or a log file.
 """
@@ -38,7 +39,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ephemera.errors import AuthError, InfraError, PhaseTimeoutError, TransientError
+from ephemera.hostkeys import (
+    HostKeyChangedError,
+    HostKeyUnknownError,
+    accepted_entries,
+    fingerprint,
+    first_contact,
+    key_line,
+    matches,
+)
 from ephemera.remote import CommandResult, LineSink, ShellRemote, inside, plain_name
+from ephemera.settings import get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import paramiko
@@ -50,12 +61,6 @@ log = logging.getLogger(__name__)
 PGID_MARK = "@@ephemera-pgid"
 TAIL_LINES = 200
 MASK = "***"
-
-
-class HostKeyChangedError(InfraError):
-    """The host presented a different key than the one pinned earlier in the run."""
-
-    kind = "host key changed"
 
 
 # ---------------------------------------------------------------------------- keys
@@ -96,50 +101,43 @@ def _load_private_key(path: str) -> paramiko.PKey:
         raise AuthError(f"cannot read SSH key {path}: {exc}") from None
 
 
-def host_key_line(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} {key.get_base64()}"
-
-
-def _parse_key_line(line: str) -> paramiko.PKey:
-    import paramiko
-
-    parts = line.split()
-    if len(parts) < 2:
-        raise InfraError(f"malformed pinned host key: {line!r}")
-    return paramiko.PKey.from_type_string(parts[0], __import__("base64").b64decode(parts[1]))
-
-
 # ----------------------------------------------------------------- host key pinning
 
 
 class HostKeyPin:
     """The host key of one machine for the length of a run.
 
-    Empty until first contact; then every connection must present the same key. With
-    a ``path`` the pin survives this process (a later ``ephemera down`` reuses it).
+    ``line`` holds what is accepted before first contact: keys (``TYPE BASE64``, one per
+    line, as a provider read them from a trusted source) or ``SHA256:`` fingerprints
+    configured by the user. Empty, first contact asks :mod:`ephemera.hostkeys` (known_hosts,
+    first-use trust). After the first connection the key seen is pinned, and every
+    later connection must present it. With a ``path`` the pin survives this process.
     """
 
     def __init__(self, line: str | None = None, path: Path | None = None) -> None:
         self.path = path
-        self.line = line
+        self.line = line or None
         if self.line is None and path is not None and path.exists():
             self.line = path.read_text().strip() or None
 
-    def check(self, key: paramiko.PKey, where: str) -> None:
-        seen = host_key_line(key)
+    def check(self, key: paramiko.PKey, target: Target) -> None:
+        seen = key_line(key)
         if self.line is None:
+            first_contact(key, target.host, target.port, target.where)
+        elif not matches(key, accepted_entries(self.line)):
+            pinned = accepted_entries(self.line)
+            shown = ", ".join(e if e.startswith("SHA256:") else fingerprint(e.split()[1])
+                              for e in pinned)
+            raise HostKeyChangedError(
+                f"the host key of {target.where} changed: it presented {key.get_name()} "
+                f"{fingerprint(key.get_base64())}, not the key pinned for it ({shown}); "
+                "refusing to continue.",
+                hint="Someone may be intercepting the connection, or the machine was replaced.")
+        if self.line != seen:
             self.line = seen
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.path.write_text(seen + "\n")
-            return
-        pinned = self.line.split()[:2]
-        if seen.split()[:2] != pinned:
-            raise HostKeyChangedError(
-                f"the host key of {where} changed during the run (pinned {pinned[0]} "
-                f"...{pinned[1][-12:]}, got {key.get_name()} ...{key.get_base64()[-12:]}); "
-                "refusing to continue.",
-                hint="Someone may be intercepting the connection, or the machine was replaced.")
 
 
 # ---------------------------------------------------------------------- connecting
@@ -171,7 +169,7 @@ def _parse_jump(spec: str, key_path: str | None) -> Target:
     return Target(host=host, port=int(port or 22), user=user or "root", key_path=key_path)
 
 
-_PERMANENT = (HostKeyChangedError, AuthError)
+_PERMANENT = (HostKeyChangedError, HostKeyUnknownError, AuthError)
 
 
 class _Expired(Exception):
@@ -207,7 +205,7 @@ def _connect_once(target: Target, pin: HostKeyPin, timeout: float,
 
     class _Pin(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client, hostname, key):  # noqa: ANN001
-            pin.check(key, target.where)
+            pin.check(key, target)
 
     pkey = _load_private_key(target.key_path) if target.key_path else None
     client = paramiko.SSHClient()
@@ -264,7 +262,8 @@ def connect(target: Target, *, deadline: float, pin: HostKeyPin | None = None,
                 # The target is reached through a direct-tcpip channel of the bastion;
                 # the bastion's connection is closed with the target's (see close_client).
                 bastion = connect(_parse_jump(target.proxy_jump, target.key_path),
-                                  deadline=per_try, attempt_timeout=per_try)
+                                  deadline=per_try, attempt_timeout=per_try,
+                                  pin=HostKeyPin(get_settings().ssh_bastion_host_key))
                 bt = bastion.get_transport()
                 assert bt is not None
                 sock = bt.open_channel("direct-tcpip", (target.host, target.port),

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from tests.runlib import known_hosts_file
+
 # Property-based tests of the input readers (tests/test_hostile_*.py). "ci" is the
 # default: a fixed, modest budget and the same examples every run. "long"
 # (HYPOTHESIS_PROFILE=long, as benchmarks/bench_fuzz.py runs it) tries many more,
@@ -32,7 +34,7 @@ pytest_plugins = [
 
 
 @pytest.fixture(autouse=True)
-def _isolated_settings(tmp_path, monkeypatch):
+def _isolated_settings(tmp_path, monkeypatch, tmp_path_factory):
     """Every test gets its own state/data dirs; the cache dir (CPU env, tiny model,
     images) stays shared because building it is slow and it is safe to share."""
     from ephemera.settings import reset_settings
@@ -41,6 +43,7 @@ def _isolated_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("EPHEMERA_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("EPHEMERA_ARTIFACTS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("EPHEMERA_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("EPHEMERA_SSH_KNOWN_HOSTS", str(known_hosts_file(tmp_path_factory)))
     if "EPHEMERA_CACHE_DIR" in os.environ:
         monkeypatch.setenv("EPHEMERA_CACHE_DIR", os.environ["EPHEMERA_CACHE_DIR"])
     reset_settings()

@@ -165,3 +165,12 @@ class KeyInstaller(threading.Thread):
             if self.installed and not self.key_pairs:
                 for key in ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]:
                     self.key_pairs[key["KeyName"]] = key.get("PublicKey", "")
+
+
+def known_hosts_file(tmp_path_factory) -> Path:
+    """The test session's known_hosts (``EPHEMERA_SSH_KNOWN_HOSTS`` of every test): the
+    machine's own ~/.ssh/known_hosts is never read, and only the servers the tests
+    start are listed in it."""
+    path = tmp_path_factory.getbasetemp() / "known_hosts"
+    path.touch(exist_ok=True)
+    return path

@@ -222,7 +222,7 @@ def test_connect_retries_until_the_host_answers(sshd, target):
     threading.Thread(target=relay_later, daemon=True).start()
     moved = Target(host=target.host, port=port, user=target.user, key_path=target.key_path)
     started = time.monotonic()
-    client = connect(moved, deadline=20)
+    client = connect(moved, deadline=20, pin=HostKeyPin(sshd.host_key_line))
     try:
         assert time.monotonic() - started >= 1.5
         _, out, _ = client.exec_command("echo up", timeout=10)
