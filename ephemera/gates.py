@@ -135,7 +135,8 @@ def result_gates(gates: GatesSpec, results: Results | None, why_none: str = "") 
     if not gates.on_results:
         return []
     if results is None or not results.found:
-        reason = why_none or "no JUnit XML report was found in the artifacts"
+        problems = results.totals.problems[:3] if results is not None else []
+        reason = why_none or "; ".join(problems) or "no JUnit XML report was found in the artifacts"
         names = [n for n, v in (("pass_rate", gates.pass_rate), ("pass_rate_by", gates.pass_rate_by))
                  if v is not None]
         return [GateOutcome(n, False, f"gate {n}: no test results to judge ({reason})") for n in names]
@@ -415,7 +416,8 @@ def record(run: Run) -> dict[str, Any] | None:
         stored["total"] = {"all": (total.passed, total.failed, total.errors, total.skipped)}
         if judgement.group_by:
             stored[judgement.group_by] = {
-                k: (c.passed, c.failed, c.errors, c.skipped) for k, c in results.groups().items()}
+                run.masker(k): (c.passed, c.failed, c.errors, c.skipped)
+                for k, c in results.groups().items()}
     metrics = judgement.benchmark.metrics if judgement.benchmark is not None else {}
     gates = [GateRow(g.gate, g.group, g.value, g.bound, g.baseline, g.passed, run.masker(g.line))
              for g in judgement.gates]

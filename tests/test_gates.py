@@ -146,3 +146,18 @@ def test_origin_from_github_variables_and_from_git(tmp_path):
                     "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     branch, commit = run_origin(tmp_path, {})
     assert branch == "release-1" and len(commit) == 40
+
+
+def test_the_example_job_without_results_fails_saying_why(tmp_path):
+    from ephemera.gates import judge
+
+    loaded = load_job(Path(__file__).resolve().parent.parent / "jobs" / "retail-cpu-gates.yaml")
+    artifacts = tmp_path / "run"
+    artifacts.mkdir()
+    judgement = judge(loaded.job, tier=None, run_id="r", artifacts_dir=artifacts, bench=None,
+                      branch="main", commit="", history=tmp_path / "h.sqlite3")
+    status, code, message = verdict(judgement, loaded.job.gates, "passed", 0, "the suite passed")
+    assert (status, code) == ("failed", 1)
+    assert "gate pass_rate: no test results to judge" in message
+    assert "results.junit: 'junit.xml' matched no file" in message
+    assert "gate benchmark.ttft_p90_ms: no figure to judge (the benchmark did not run)" in message

@@ -118,3 +118,14 @@ def test_results_to_dict_has_groups(tmp_path):
     data = read_results(tmp_path, ["junit.xml"], "property:category").to_dict()
     assert data["total"]["failed"] == 1
     assert data["groups"]["property:category"]["compliance"]["pass_rate"] == 1.0
+
+
+def test_step_summary_carries_the_runs_results_md(tmp_path):
+    from ephemera.summary import step_summary_markdown
+
+    write(tmp_path / "results.md", "#### Results\n\n| property:category | passed |\n")
+    text = step_summary_markdown(run_id="r", job="j", status="failed", exit_code=1,
+                                 artifacts_dir=tmp_path)
+    assert "#### Results" in text and "| property:category | passed |" in text
+    assert "#### Results" not in step_summary_markdown(run_id="r", job="j", status="passed",
+                                                        exit_code=0, artifacts_dir=tmp_path / "x")
