@@ -85,6 +85,22 @@ class ModelSpec(Strict):
         "and the checkpoint's own quantization_config."))
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     served_name: str | None = Field(None, description="Name the API serves the model under (default: id).")
+    limit_mm_per_prompt: dict[str, int] | None = Field(None, description=(
+        "vLLM --limit-mm-per-prompt: most items of each modality per prompt, e.g. "
+        "{image: 2, video: 0}. All zero serves a vision-language model as text only."))
+    mm_processor_kwargs: dict[str, Any] | None = Field(None, description=(
+        "vLLM --mm-processor-kwargs, e.g. {max_pixels: 1003520}: bounds the largest image "
+        "and so the multimodal profiling memory."))
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _limits(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for key, count in (value or {}).items():
+            if key not in ("image", "video", "audio"):
+                raise ValueError(f"'{key}' is not a modality (image, video, audio)")
+            if not 0 <= count <= 1024:
+                raise ValueError(f"{key}: {count} is not a count from 0 to 1024")
+        return value
 
     @property
     def name_served(self) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from ephemera.errors import ConfigError, TransientError
 
 TINY_MODEL_ID = "ephemera/tiny-llama"
+TINY_VL_MODEL_ID = "ephemera/tiny-vl"
 
 # The shape ephemera.tiny_model builds (a LlamaConfig), used before the files exist.
 TINY_MODEL_CONFIG: dict[str, Any] = {
@@ -43,6 +44,24 @@ TINY_MODEL_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
     "torch_dtype": "bfloat16",
 }
+
+# The shape of its vision sibling (an Idefics3Config), used before the files exist.
+TINY_VL_MODEL_CONFIG: dict[str, Any] = {
+    "architectures": ["Idefics3ForConditionalGeneration"],
+    "model_type": "idefics3",
+    "scale_factor": 2,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "text_config": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "head_dim": 64, "vocab_size": 384, "max_position_embeddings": 1024,
+                    "tie_word_embeddings": True},
+    "vision_config": {"model_type": "idefics3_vision", "hidden_size": 128,
+                      "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": 56, "patch_size": 14},
+}
+_BUILTIN = {TINY_MODEL_ID: ("tiny-llama", TINY_MODEL_CONFIG),
+            TINY_VL_MODEL_ID: ("tiny-vl", TINY_VL_MODEL_CONFIG)}
 
 # A config.json from the hub is data someone else wrote. Every size the estimator
 # reads must be a whole number in these bounds: each lies far above any published
@@ -103,10 +122,10 @@ def parse_size(text: str) -> int | None:
 def resolve_model_dir(model_id: str) -> Path | None:
     """The local directory for a model id: the tiny model's cache dir, an existing
     directory, or None for a hub id (or a bare size)."""
-    if model_id == TINY_MODEL_ID:
+    if model_id in _BUILTIN:
         from ephemera.settings import get_settings
 
-        return get_settings().cache_dir / "models" / "tiny-llama"
+        return get_settings().cache_dir / "models" / _BUILTIN[model_id][0]
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path
@@ -257,8 +276,8 @@ def load_model(model_id: str, *, revision: str | None = None, metadata: bool = T
                          notes=("only the parameter count is known: KV cache and activation "
                                 "figures are guesses for a typical decoder of this size",))
     local = resolve_model_dir(model_id)
-    if model_id == TINY_MODEL_ID and local is not None and not (local / "config.json").exists():
-        return ModelInfo(model_id=model_id, source="builtin", config=dict(TINY_MODEL_CONFIG))
+    if model_id in _BUILTIN and local is not None and not (local / "config.json").exists():
+        return ModelInfo(model_id=model_id, source="builtin", config=dict(_BUILTIN[model_id][1]))
     if local is not None:
         if not local.is_dir():
             raise ConfigError(f"model directory {local} does not exist.",

@@ -379,7 +379,9 @@ class _Fitter:
                 self.shape, max_model_len=self.s.max_model_len, tensor_parallel_size=tp,
                 gpu_memory_utilization=self.s.utilization, kv_cache_dtype=self.s.kv_dtype,
                 max_num_seqs=self.s.seqs, max_num_batched_tokens=self.s.tokens,
-                gpu_memory_gib=gpu_mem, gpu_name=gpu_name)
+                gpu_memory_gib=gpu_mem, gpu_name=gpu_name,
+                limit_mm_per_prompt=self.job.model.limit_mm_per_prompt,
+                mm_processor_kwargs=self.job.model.mm_processor_kwargs)
             self._cache[key] = est
         return est
 
@@ -412,14 +414,16 @@ class _Fitter:
         if weights > room:
             return (f"{with_tp}eights {weights:.2f} GiB per GPU exceed the {budget:.1f} GiB budget "
                     f"({util:g} x {mem:g} GiB) minus a {est.activation_gib_per_gpu:.1f} GiB "
-                    f"activation peak and {est.overhead_gib_per_gpu:.2f} GiB overhead.")
+                    f"activation peak and {est.overhead_gib_per_gpu:.2f} GiB overhead"
+                    f"{est.multimodal_detail()}.")
         free = room - weights
         need = est.kv_cache_gib_per_request_per_gpu
         if free < need:
             prefix = f"With tensor parallelism {tp}, after" if tp > 1 else "After"
             return (f"{prefix} weights ({weights:.2f} GiB per GPU) and the activation peak "
                     f"({est.activation_gib_per_gpu:.2f} GiB) only {free:.2f} GiB per GPU is left for "
-                    f"the KV cache, but one {self.s.max_model_len}-token request needs {need:.2f} GiB.")
+                    f"the KV cache, but one {self.s.max_model_len}-token request needs {need:.2f} GiB"
+                    f"{est.multimodal_detail()}.")
         outside = mem - budget
         if outside < est.cuda_context_gib_per_gpu:
             return (f"gpu_memory_utilization {util:g} leaves only {outside:.2f} GiB of the "

@@ -60,6 +60,10 @@ def vllm_options(job: Job, *, tensor_parallel_size: int, host: str, port: int,
         opts += ["--max-num-seqs", str(server.max_num_seqs)]
     if model.revision:
         opts += ["--revision", model.revision]
+    if model.limit_mm_per_prompt is not None:
+        opts += ["--limit-mm-per-prompt", json.dumps(model.limit_mm_per_prompt, separators=(",", ":"))]
+    if model.mm_processor_kwargs is not None:
+        opts += ["--mm-processor-kwargs", json.dumps(model.mm_processor_kwargs, separators=(",", ":"))]
     return opts + list(server.args)
 
 
