@@ -1,7 +1,10 @@
 """Running the job's image on a machine (aws, ssh): one long-lived container per run,
-started through the machine's Docker with the GPUs, host networking and the run's
-working directory mounted at the same path; commands then go through
-``docker exec``. Files move through the machine itself (the directory is shared).
+started through the machine's Docker with the GPUs and the run's working directory
+mounted at the same path (the provider's bookkeeping files in it read-only); commands
+then go through ``docker exec``. Files move through the machine itself (the directory
+is shared). On a machine of the run's own (aws) the container uses the host's network
+and IPC; on a shared one (ssh) it gets a bridge network with the server's port
+published on the host's 127.0.0.1 only, and private IPC.
 
 The login user on such machines is not root (``ubuntu`` on AWS). So the run's
 directories are made by the login user before the container starts, the container
@@ -73,15 +76,58 @@ class PullProgress:
         self.progress(f"pulling {self.image}: {done}/{len(self.layers)} layers")
 
 
+# The provider's bookkeeping in the run directory (see ephemera_providers._deadman): the
+# container sees the directory, but these files only read-only, so nothing the job runs
+# can point a teardown at other processes or hide the run from the reaper.
+BOOKKEEPING = (".pgids", "labels.json", ".watchdog")
+
+
 class ContainerRemote(ShellRemote):
     def __init__(self, host: Remote, name: str, workdir: str, run_id: str = "", *,
-                 docker: str = "docker", user: str | None = None) -> None:
+                 docker: str = "docker", user: str | None = None, network: str = "host",
+                 port: int | None = None) -> None:
         self.host = host
         self.name = name
         self.workdir = workdir
         self.run_id = run_id
         self.docker = docker      # "docker" or "sudo -n docker"
         self.user = user          # uid:gid the container runs as (the login user's)
+        # "host": the machine's network and IPC (a machine of the run's own); "bridge": a
+        # network of its own with the server's port published on the host's 127.0.0.1
+        # only, and private IPC (a machine shared with other people's work).
+        self.network = network
+        self.port = port
+        self.read_only: list[str] = []
+
+    def isolation_flags(self) -> str:
+        """Network, IPC and the read-only bookkeeping mounts of the run's containers."""
+        if self.network == "bridge":
+            flags = "--network bridge "
+            if self.port:
+                flags += f"-p 127.0.0.1:{int(self.port)}:{int(self.port)} "
+        else:
+            flags = "--network host --ipc host "
+        return flags + self.bookkeeping_mounts()
+
+    def sibling_flags(self) -> str:
+        """For a container beside the run's (the suite image): the same network (the
+        server is on its 127.0.0.1) and the same read-only bookkeeping."""
+        network = (f"--network container:{self.name} " if self.network == "bridge"
+                   else "--network host ")
+        return network + self.bookkeeping_mounts()
+
+    def bookkeeping_mounts(self) -> str:
+        return "".join(
+            f"--mount {shlex.quote(f'type=bind,src={self.workdir}/{f},dst={self.workdir}/{f},readonly')} "
+            for f in self.read_only)
+
+    def find_bookkeeping(self) -> None:
+        """Which bookkeeping files the provider left in the run directory."""
+        listed = self.host.run(
+            f"cd {shlex.quote(self.workdir)} && for f in {' '.join(BOOKKEEPING)}; do "
+            '[ -f "$f" ] && [ ! -L "$f" ] && echo "@@file $f"; done; true', timeout=60)
+        self.read_only = [ln.split()[1] for ln in listed.output_tail.splitlines()
+                          if ln.startswith("@@file ") and ln.split()[1:2] and ln.split()[1] in BOOKKEEPING]
 
     def docker_for(self, env: Mapping[str, str] | None) -> str:
         """The docker command that passes ``env`` on by name (sudo drops the environment
@@ -110,11 +156,12 @@ class ContainerRemote(ShellRemote):
                                timeout=timeout, on_line=PullProgress(image, progress))
         if not pulled.ok:
             self._image_error(image, pulled)
+        self.find_bookkeeping()
         lifetime = max(1, int((expires_at - datetime.now(UTC)).total_seconds()))
         gpu_flag = "--gpus all " if gpus > 0 else ""
         cmd = (f"{self.docker} rm -f {self.name} >/dev/null 2>&1; "
                f"{self.docker} run -d --rm --name {self.name} {gpu_flag}{self.user_flags()}"
-               "--network host --ipc host --security-opt no-new-privileges "
+               f"{self.isolation_flags()}--security-opt no-new-privileges "
                f"--shm-size {shm_size} -v {shlex.quote(self.workdir)}:{shlex.quote(self.workdir)} "
                f"--label dev.ephemera.run-id={shlex.quote(self.run_id)} "
                f"--entrypoint sleep {q} {lifetime}")
@@ -150,7 +197,8 @@ class ContainerRemote(ShellRemote):
         return self.host.get(remote, local, timeout=timeout, within=within, refused=refused)
 
     def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
-        return self.host.forward(remote_port, remote_host)  # host networking
+        # Host networking, or the port published on the host's 127.0.0.1 (bridge).
+        return self.host.forward(remote_port, remote_host)
 
     def close(self) -> None:
         self.host.close()

@@ -145,6 +145,7 @@ class Run:
         self.ssh_key_dir: Path | None = None
         self.workdir = ""
         self.python = self.job.server.python
+        self._port: int | None = None
         self.path_prefix: str | None = None
         self._signal: int | None = None
         self._in_teardown = False
@@ -436,6 +437,10 @@ class Run:
         bind = "127.0.0.1"
         if self.provider_name == "docker" and self.job.resources.docker.network == "bridge":
             bind = "0.0.0.0"  # inside the container; the engine publishes it on the host's 127.0.0.1
+        from ephemera.container import ContainerRemote
+
+        if isinstance(self.remote, ContainerRemote) and self.remote.network == "bridge":
+            bind = "0.0.0.0"  # the same, on a shared host's Docker
         tp = self.plan.tensor_parallel_size if self.plan is not None else 1
         self.server_cmd = build_server_command(self.job, model_path=model_path, tensor_parallel_size=tp,
                                                python=self.python, host=bind, port=self.server_port())
@@ -445,8 +450,22 @@ class Run:
                                                    env=self.server_env(), cwd=self.workdir,
                                                    log_file=f"{self.workdir}/logs/vllm.log")
 
+    def container_network(self) -> str:
+        """The job container's network on a machine: bridge on a shared host (ssh) unless
+        the job asks for the host's, host on a machine of the run's own."""
+        if self.provider_name != "ssh":
+            return "host"
+        ssh = self.job.resources.ssh
+        return ssh.network if ssh is not None else "bridge"
+
     def server_port(self) -> int:
-        """The job's port, or a free one where the machine is shared with other runs."""
+        """The job's port, or a free one where the machine is shared with other runs
+        (chosen once per run)."""
+        if self._port is None:
+            self._port = self._choose_port()
+        return self._port
+
+    def _choose_port(self) -> int:
         from ephemera.server import DEFAULT_PORT
 
         if self.job.server.port:
@@ -560,7 +579,8 @@ class Run:
             wd = shlex.quote(self.workdir)
             docker = container.docker_for(env) if container else "docker"
             user = container.user_flags() if container else ""
-            command = (f"{docker} run --rm --name ephemera-{self.run_id}-suite --network host "
+            network = container.sibling_flags() if container else "--network host "
+            command = (f"{docker} run --rm --name ephemera-{self.run_id}-suite {network}"
                        "--security-opt no-new-privileges "
                        f"--label dev.ephemera.run-id={self.run_id} {user}{names} -v {wd}:{wd} "
                        f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(self.job.suite.image)} "
@@ -784,8 +804,10 @@ class Run:
                         # As the login user: the run's directories, and how it reaches Docker.
                         docker, user = prepare_host(self.remote, self.workdir,
                                                     f"{self.instance.id} ({self.provider_name})")
+                        network = self.container_network()
                         container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir,
-                                                    self.run_id, docker=docker, user=user)
+                                                    self.run_id, docker=docker, user=user, network=network,
+                                                    port=self.server_port() if network == "bridge" else None)
                         expires_at = self.state.expires_at if self.state else datetime.now(UTC) + timedelta(hours=1)
                         container.start_container(image, gpus=self.offer.gpu_count if self.offer else 0,
                                                   expires_at=expires_at, timeout=self._time_left("image"),

@@ -146,6 +146,9 @@ class SSHTarget(Strict):
         "Directory on the host for runs (absolute or '~/...'); default: the ssh_workroot "
         "setting, ~/ephemera-runs."))
     gpus: list[dict[str, Any]] | None = Field(None, max_length=MAX_DECLARED_GPUS, description="Declared GPUs when the host has no nvidia-smi.")
+    network: Literal["bridge", "host"] = Field("bridge", description=(
+        "The job container's network on this shared host: bridge (its own, the server's "
+        "port published on the host's 127.0.0.1 only, private IPC) or host."))
     host_key: str | None = Field(None, max_length=16384, description=(
         "Host key the machine must present: 'TYPE BASE64' lines or a SHA256:... fingerprint "
         "(else known_hosts decides)."))
