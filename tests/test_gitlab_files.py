@@ -110,7 +110,7 @@ def test_job_contract():
     variables = job["variables"]
     # This job's runs only: the state directory carries the CI job's id.
     assert "$CI_JOB_ID" in variables["EPHEMERA_STATE_DIR"]
-    assert variables["EPHEMERA_ARTIFACTS_DIR"] == "$CI_PROJECT_DIR/ephemera-runs"
+    assert variables["EPHEMERA_ARTIFACTS_DIR"] == "ephemera-runs"
     assert job["id_tokens"]["EPHEMERA_AWS_ID_TOKEN"]["aud"] == "sts.amazonaws.com"
     # Secrets never pass through inputs: HF_TOKEN is a masked CI/CD variable.
     assert "HF_TOKEN" not in COMPONENT.read_text()
