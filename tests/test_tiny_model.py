@@ -125,3 +125,30 @@ def test_commands_report_json(tiny_model, cpu_env_python, tmp_path):
     fresh = cli("model", "tiny", "--out", str(tmp_path / "m"), "--json")
     assert fresh["path"] == str(tmp_path / "m") and fresh["bytes"] == cached["bytes"]
     assert (tmp_path / "m" / "config.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_tiny_vision_model_files_processor_and_cache(cpu_env_python, tmp_path):
+    """The vision sibling: an Idefics3 with its processor, written once, same bytes again;
+    the estimate's built-in shape matches the saved config."""
+    import sys
+
+    from ephemera.estimate import analyse
+    from ephemera.modelconfig import load_model
+
+    done = subprocess.run([sys.executable, "-m", "ephemera", "model", "tiny", "--vision", "--out",
+                           str(tmp_path / "vl"), "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    made = json.loads(done.stdout)
+    assert made["model"] == "ephemera/tiny-vl" and 500_000 < made["bytes"] < 5_000_000
+    out = Path(made["path"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Idefics3ForConditionalGeneration"]
+    assert config["text_config"]["head_dim"] == 64
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["image_seq_len"] == 4 and processor["image_processor"]["do_image_splitting"] is False
+    assert tiny_model_mod.is_ready(out, "tiny-vl") and not tiny_model_mod.is_ready(out)
+    before = _digest(out)
+    assert tiny_model_mod.ensure_tiny_vl_model(out=out) == out and _digest(out) == before
+    summary = json.loads((out / tiny_model_mod.MARKER).read_text())["summary"]
+    assert analyse(load_model(str(out))).parameters == summary["parameters"]
