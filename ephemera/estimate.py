@@ -465,6 +465,15 @@ def _count(cfg: dict[str, Any], model: str, notes: list[str]) -> tuple[_Count, d
     return c, dims, modelled
 
 
+def _tower(info: ModelInfo, text_hidden: int) -> VisionTower | None:
+    """The vision tower, with a config whose vision fields cannot be used as a ConfigError."""
+    try:
+        return vision_tower(info.config or {}, text_hidden)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise ConfigError(f"config.json of '{info.model_id}': vision_config is not usable "
+                          f"({type(exc).__name__}: {str(exc)[:120]}).") from None
+
+
 def _vision_bytes(tower: VisionTower | None, scheme: WeightScheme, quantized: bool,
                   notes: list[str]) -> float:
     """The tower at 16-bit (the activation dtype), unless the checkpoint quantises it."""
@@ -495,7 +504,7 @@ def analyse(info: ModelInfo, *, precision: str = "bf16", quantization: str | Non
     count, dims, modelled = _count(cfg, info.model_id, notes)
     arch = str((info.config.get("architectures") or [cfg.get("model_type", "unknown")])[0])
     rotary = _rotary_params(cfg, dims["head_dim"]) * scheme.activation
-    tower = vision_tower(info.config, dims["hidden"])
+    tower = _tower(info, dims["hidden"])
     vision_bytes = _vision_bytes(tower, scheme, _quantizes_vision(info.config), notes)
     dims["linear_state_bytes"] *= scheme.activation
     linear, full, replicated = count.linear, count.full, count.replicated

@@ -80,9 +80,19 @@ _SIZES: dict[str, tuple[int, int]] = {
     "max_position_embeddings": (1, 2**28),
     **dict.fromkeys(("num_experts", "num_local_experts", "num_experts_per_tok"), (0, 2**14)),
     "decoder_sparse_step": (0, 4096),
+    **dict.fromkeys(("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                     "v_head_dim", "linear_key_head_dim", "linear_value_head_dim"), (0, 2**16)),
+    **dict.fromkeys(("n_routed_experts", "n_shared_experts", "linear_num_key_heads",
+                     "linear_num_value_heads"), (0, 2**14)),
+    **dict.fromkeys(("first_k_dense_replace", "linear_conv_kernel_dim"), (0, 4096)),
+    **dict.fromkeys(("moe_layer_freq", "full_attention_interval", "sliding_window_pattern"), (1, 4096)),
+    "sliding_window": (0, 2**28),
 }
 _VISION_SIZES = {"hidden_size": (0, 2**18), "intermediate_size": (0, 2**22),
-                 "num_hidden_layers": (0, 4096), "depth": (0, 4096)}
+                 "num_hidden_layers": (0, 4096), "depth": (0, 4096), "embed_dim": (0, 2**18),
+                 "out_hidden_size": (0, 2**18), "patch_size": (1, 4096), "image_size": (1, 2**16),
+                 "spatial_merge_size": (1, 64), "temporal_patch_size": (1, 64),
+                 "num_position_embeddings": (0, 2**24)}
 _QUANT_SIZES = {"bits": (1, 32), "w_bit": (1, 32), "num_bits": (1, 32),
                 "group_size": (-1, 2**20), "q_group_size": (-1, 2**20)}
 

@@ -166,3 +166,16 @@ def test_an_unknown_vision_family_is_approximated_and_says_so():
     est = estimate(info(config))
     assert not est.exact_architecture
     assert any("approximated as plain ViT blocks" in n for n in est.notes)
+
+
+@pytest.mark.parametrize("vision, named", [
+    ({"depth": 2, "hidden_size": 64, "patch_size": 0}, "vision_config.patch_size"),
+    ({"depth": 2, "hidden_size": 64, "spatial_merge_size": 10**6}, "vision_config.spatial_merge_size"),
+    ({"depth": 2, "hidden_size": 64, "deepstack_visual_indexes": 7}, "vision_config is not usable"),
+])
+def test_unusable_vision_fields_are_config_errors(tmp_path, vision, named):
+    from ephemera.errors import ConfigError
+    from ephemera.modelconfig import load_model
+
+    with pytest.raises(ConfigError, match=named):
+        estimate(load_model(write_model(tmp_path, "bad", {**QWEN3_VL_8B, "vision_config": vision})))
