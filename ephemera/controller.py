@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ephemera import errors
 from ephemera.errors import (
@@ -34,12 +34,18 @@ from ephemera.faults import fault_point, wrap_provider
 from ephemera.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL, Job
 from ephemera.jobfile import LoadedJob
 from ephemera.masking import job_masker
+from ephemera.plan import Plan
 from ephemera.progress import Reporter
 from ephemera.provider import (
+    BuiltinImage,
+    Capabilities,
+    ImagePuller,
     Instance,
     LaunchSpec,
     Offer,
+    PortChoice,
     Provider,
+    Runs,
     format_time,
     make_labels,
 )
@@ -49,8 +55,6 @@ from ephemera.settings import Settings
 from ephemera.state import RunState, save_state
 from ephemera.teardown import TeardownResult
 
-# Providers whose instance runs the job's image itself (no container inside).
-_IMAGE_PROVIDERS = {"docker", "local"}
 SERVER_LOG_TAIL = 50
 HEALTH_POLL_SECONDS = 0.25  # readiness is noticed within a quarter of a second
 HEALTH_PROGRESS_SECONDS = 3.0  # vLLM's last log line, while waiting for it
@@ -87,7 +91,7 @@ class RunResult:
     artifacts_dir: str | None = None
     message: str = ""
     phases: list[PhaseRecord] = field(default_factory=list)
-    plan: Any = None
+    plan: Plan | None = None
     cost: dict[str, Any] | None = None
     teardown_verified: bool | None = None
     server_command: str | None = None
@@ -111,7 +115,7 @@ class RunResult:
             "teardown_verified": self.teardown_verified,
             "server_command": self.server_command,
             "suite_command": self.suite_command,
-            "plan": self.plan.to_dict() if hasattr(self.plan, "to_dict") else self.plan,
+            "plan": self.plan.to_dict() if self.plan is not None else None,
             **(self.judgement or {}),
         }
 
@@ -136,7 +140,8 @@ class Run:
         self.provider: Provider | None = None
         self.instance: Instance | None = None
         self.offer: Offer | None = None
-        self.plan: Any = None
+        self.plan: Plan | None = None
+        self._caps: Capabilities | None = None
         self.remote: Remote | None = None
         self.server_handle: str | None = None
         self.state: RunState | None = None
@@ -282,7 +287,17 @@ class Run:
             raise self._timeout_error(self._phase_name() or "run", self.job.timeout, True, "no time left")
 
     # ---------------------------------------------------------------- stages
-    def make_plan(self) -> Any:
+    @property
+    def caps(self) -> Capabilities:
+        """What the provider declares about its machines, for this job's resources."""
+        if self._caps is None:
+            from ephemera.registry import load_provider_class
+
+            options = self.job.resources.model_dump(mode="json")
+            self._caps = load_provider_class(self.provider_name).capabilities(options)
+        return self._caps
+
+    def make_plan(self) -> Plan:
         from ephemera.plan import plan_job
 
         return plan_job(self.job, catalog=self.catalog, provider_name=self.provider_name)
@@ -306,11 +321,11 @@ class Run:
         Returns the image to launch."""
         image = self.job.image
         builtin = image.split(":")[0] == BUILTIN_CPU_IMAGE
-        if self.job.suite.image and self.provider_name in _IMAGE_PROVIDERS:
+        if self.job.suite.image and self.caps.runs is not Runs.MACHINE:
             raise ConfigError(f"suite.image: a separate suite image runs beside the server on a machine's "
-                              f"Docker (providers ssh and aws); the {self.provider_name} provider runs the "
+                              f"Docker (providers ssh, aws, slurm); the {self.provider_name} provider runs the "
                               f"suite in the job's image: drop suite.image or use suite.setup")
-        if self.provider_name == "local":
+        if self.caps.runs is Runs.THIS_MACHINE:
             if builtin:
                 from ephemera.cpu_env import ensure_cpu_env
 
@@ -322,7 +337,7 @@ class Run:
                                   f"here) or '{BUILTIN_CPU_IMAGE}' (the built-in CPU environment), not '{image}'")
             return image
         if builtin:
-            if self.provider_name == "docker":
+            if self.caps.builtin_image is BuiltinImage.LOCAL_ENGINE:
                 from ephemera.cpu_image import ensure_cpu_image
 
                 image = ensure_cpu_image(self._log)
@@ -355,13 +370,14 @@ class Run:
 
         assert self.provider is not None
         public_key = private_key = None
-        if getattr(self.provider, "needs_ssh_key", False):
+        if self.caps.needs_ssh_key:
             from ephemera.ssh import generate_keypair
 
             self.ssh_key_dir = self.settings.state_dir / "keys" / self.run_id
             private_path, public_key = generate_keypair(self.ssh_key_dir)
             private_key = str(private_path)
-        offers = [self.plan.offer] + [getattr(o, "offer", o) for o in getattr(self.plan, "runners_up", [])]
+        assert self.plan is not None
+        offers = [self.plan.offer] + [c.offer for c in self.plan.runners_up]
 
         def before_launch(spec: LaunchSpec) -> None:
             if self.state is None:
@@ -434,13 +450,11 @@ class Run:
 
     def start_server(self, model_path: str) -> None:
         assert self.remote is not None
-        bind = "127.0.0.1"
-        if self.provider_name == "docker" and self.job.resources.docker.network == "bridge":
-            bind = "0.0.0.0"  # inside the container; the engine publishes it on the host's 127.0.0.1
         from ephemera.container import ContainerRemote
 
+        bind = self.caps.server_bind
         if isinstance(self.remote, ContainerRemote) and self.remote.network == "bridge":
-            bind = "0.0.0.0"  # the same, on a shared host's Docker
+            bind = "0.0.0.0"  # inside the container; its port is published on the host's 127.0.0.1
         tp = self.plan.tensor_parallel_size if self.plan is not None else 1
         self.server_cmd = build_server_command(self.job, model_path=model_path, tensor_parallel_size=tp,
                                                python=self.python, host=bind, port=self.server_port())
@@ -449,14 +463,6 @@ class Run:
             self.server_handle = self.remote.start(self._with_path(self.server_cmd.shell),
                                                    env=self.server_env(), cwd=self.workdir,
                                                    log_file=f"{self.workdir}/logs/vllm.log")
-
-    def container_network(self) -> str:
-        """The job container's network on a machine: bridge on a shared host (ssh) unless
-        the job asks for the host's, host on a machine of the run's own."""
-        if self.provider_name != "ssh":
-            return "host"
-        ssh = self.job.resources.ssh
-        return ssh.network if ssh is not None else "bridge"
 
     def server_port(self) -> int:
         """The job's port, or a free one where the machine is shared with other runs
@@ -470,15 +476,13 @@ class Run:
 
         if self.job.server.port:
             return self.job.server.port
-        shared_host = self.provider_name == "local" or (
-            self.provider_name == "docker" and self.job.resources.docker.network == "host")
-        if shared_host:
+        if self.caps.port is PortChoice.FREE_HERE:
             import socket
 
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 return sock.getsockname()[1]
-        if self.provider_name == "ssh" and self.remote is not None:
+        if self.caps.port is PortChoice.FREE_ON_MACHINE and self.remote is not None:
             probe = self.remote.run("python3 -c 'import socket; s=socket.socket(); "
                                     "s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'", timeout=30)
             lines = probe.output_tail.strip().splitlines()
@@ -745,7 +749,7 @@ class Run:
         uploaded = self.job.model.id == BUILTIN_TINY_MODEL or (self.loaded.base_dir / self.job.model.id).is_dir()
         model_path = "<run dir>/model" if uploaded else self.job.model.id
         python = self.job.server.python
-        if self.provider_name == "local" and self.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
+        if self.caps.runs is Runs.THIS_MACHINE and self.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
             python = "<ephemera CPU environment>/bin/python"
         cmd = build_server_command(self.job, model_path=model_path,
                                    tensor_parallel_size=self.plan.tensor_parallel_size, python=python)
@@ -785,10 +789,10 @@ class Run:
                 with self.phase("prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
-                pull = getattr(self.provider, "pull_image", None)
-                if pull is not None:   # before launch: a cancel during a pull is not held
+                if self.caps.pulls_before_launch:   # a cancel during a pull is not held
+                    puller = cast(ImagePuller, self.provider)
                     with self.phase("pull", image):
-                        image = pull(image, self.reporter.progress)
+                        image = puller.pull_image(image, self.reporter.progress)
                 # Building the built-ins on first use (minutes, once per machine) is not the
                 # job's time: its deadline starts now, right before anything is launched.
                 self._start_clock()
@@ -796,15 +800,14 @@ class Run:
                 assert self.instance is not None
                 self.workdir = self.instance.workdir or f"/tmp/ephemera/{self.run_id}"
                 self.remote = self.provider.connect(self.instance)
-                if self.provider_name not in _IMAGE_PROVIDERS and not getattr(self.provider, "instance_is_image", False) \
-                        and image != "host":
+                if self.caps.runs is Runs.MACHINE and image != "host":
                     from ephemera.container import ContainerRemote, prepare_host
 
                     with self.phase("image", image):
                         # As the login user: the run's directories, and how it reaches Docker.
                         docker, user = prepare_host(self.remote, self.workdir,
                                                     f"{self.instance.id} ({self.provider_name})")
-                        network = self.container_network()
+                        network = self.caps.container_network
                         container = ContainerRemote(self.remote, f"ephemera-{self.run_id}", self.workdir,
                                                     self.run_id, docker=docker, user=user, network=network,
                                                     port=self.server_port() if network == "bridge" else None)

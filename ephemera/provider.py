@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -203,11 +203,70 @@ class Instance:
         )
 
 
+class Runs(enum.StrEnum):
+    """Where the job's server and suite run, as the controller needs to know it."""
+
+    IMAGE = "image"                  # the instance is a container of the job's image (docker)
+    THIS_MACHINE = "this-machine"    # processes on the machine ephemera runs on (local)
+    MACHINE = "machine"              # a machine that runs the image through its own Docker,
+    #                                  or directly with ``image: host`` (ssh, aws, slurm)
+
+
+class PortChoice(enum.StrEnum):
+    """How the server's port is chosen when the job does not set one."""
+
+    FIXED = "fixed"                  # the default port: the machine (or network) is the run's own
+    FREE_HERE = "free-here"          # a free port on this machine (shared with other runs)
+    FREE_ON_MACHINE = "free-on-machine"  # a free port on the machine, asked over its channel
+
+
+class BuiltinImage(enum.StrEnum):
+    """How the built-in CPU image (``ephemera/cpu``) is made ready for the provider."""
+
+    CPU_ENV = "cpu-env"              # no image: the CPU environment is built on this machine
+    LOCAL_ENGINE = "local-engine"    # built into this machine's Docker engine
+    ON_MACHINE = "on-machine"        # the machine's Docker must have it already
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider declares so the controller never needs to know it by name.
+
+    ``container_network`` (``Runs.MACHINE`` only): ``host`` on a machine of the run's own,
+    ``bridge`` on a shared one (the server's port published on its 127.0.0.1 only).
+    ``server_bind``: the address the server listens on where it runs.
+    ``pulls_before_launch``: the provider pulls the image itself before the launch
+    (``pull_image``), so a cancel during a pull is not held by a launch in flight.
+    ``reaps_orphans``: the provider has ``reap_orphans`` for resources without an instance.
+    """
+
+    runs: Runs = Runs.MACHINE
+    needs_ssh_key: bool = False
+    port: PortChoice = PortChoice.FIXED
+    server_bind: str = "127.0.0.1"
+    container_network: str = "host"
+    builtin_image: BuiltinImage = BuiltinImage.ON_MACHINE
+    min_billed_seconds: int = 0
+    pulls_before_launch: bool = False
+    reaps_orphans: bool = False
+
+    def __post_init__(self) -> None:
+        if self.container_network not in ("host", "bridge"):
+            raise ValueError(f"container_network must be host or bridge, not {self.container_network!r}")
+        if self.min_billed_seconds < 0:
+            raise ValueError("min_billed_seconds must be 0 or more")
+
+
 @runtime_checkable
 class Provider(Protocol):
     """What a provider plugin implements. See the module docstring for the rules."""
 
     name: ClassVar[str]
+
+    @classmethod
+    def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
+        """How this provider's machines run things, for a job's ``resources`` (as JSON)."""
+        ...
 
     def offers(self, request: OfferRequest) -> list[Offer]:
         """Machines this provider can launch now, with prices. May be empty."""
@@ -234,6 +293,20 @@ class Provider(Protocol):
     def connect(self, instance: Instance) -> Remote:
         """A channel to run commands on and copy files to/from a READY instance."""
         ...
+
+
+class ImagePuller(Protocol):
+    """Providers that declare ``pulls_before_launch`` implement this too."""
+
+    def pull_image(self, name: str, progress: Callable[[str], None] | None = None) -> str: ...
+
+
+class OrphanReaper(Protocol):
+    """Providers that declare ``reaps_orphans`` implement this too: resources a run left
+    without an instance (security groups, key pairs), as dicts for the reap report."""
+
+    def reap_orphans(self, *, now: datetime, owner: str | None,
+                     dry_run: bool) -> list[dict[str, Any]]: ...
 
 
 class ProviderInfo(Protocol):

@@ -80,10 +80,9 @@ def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, 
                 report.foreign += 1
             elif isinstance(item, dict):
                 report.expired.append(item)
-        extra = getattr(provider, "reap_orphans", None)
-        if callable(extra):
+        if provider.capabilities({}).reaps_orphans:
             try:
-                for orphan in extra(now=now, owner=owner, dry_run=dry_run):
+                for orphan in provider.reap_orphans(now=now, owner=owner, dry_run=dry_run):
                     report.expired.append({"provider": name, "verified": True, **orphan})
             except Exception as exc:  # noqa: BLE001
                 log(f"{name}: orphan cleanup failed: {exc}")

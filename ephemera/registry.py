@@ -59,12 +59,23 @@ def load_provider_class(name: str) -> type:
             hint="A plugin registers itself under the entry-point group 'ephemera.providers'.",
         )
     try:
-        return entries[name].load()
+        cls = entries[name].load()
     except ImportError as exc:
         hint = _INSTALL_HINTS.get(name, f"install the package that provides '{name}'")
         raise ProviderUnavailableError(
             f"provider '{name}' cannot be loaded: {exc}.", hint=f"Fix: {hint}."
         ) from exc
+    missing = [m for m in _REQUIRED if not callable(getattr(cls, m, None))]
+    if missing:
+        raise ProviderUnavailableError(
+            f"provider '{name}' ({entries[name].value}) does not implement {', '.join(missing)} "
+            "of the provider contract.",
+            hint="See ephemera/provider.py: Provider and Capabilities.")
+    return cls
+
+
+# What the controller calls on every provider (ephemera.provider.Provider).
+_REQUIRED = ("capabilities", "offers", "launch", "poll", "terminate", "find", "connect")
 
 
 def get_provider(name: str, **kwargs):

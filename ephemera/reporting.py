@@ -63,13 +63,12 @@ def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
         PhaseTiming,
         billed_terms,
         compute_cost,
-        min_billed_seconds_for,
         write_cost_files,
     )
     from ephemera.history import RunRecord, record_run
     from ephemera.summary import append_step_summary, junit_in, step_summary_markdown
 
-    offer = run.offer or getattr(run.plan, "offer", None)
+    offer = run.offer or (run.plan.offer if run.plan is not None else None)
     if offer is None or run.launched_at is None:
         return None
     phases = [PhaseTiming(p.name, p.started_at, p.ended_at) for p in run.phases if p.ended_at is not None]
@@ -79,8 +78,8 @@ def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
         provider=run.provider_name, **billed_terms(offer, run.instance),
         launched_at=run.launched_at if _created_something(run) else None,
         terminated_at=run.terminated_at if result.teardown_verified is not False else None,
-        phases=phases, min_billed_seconds=min_billed_seconds_for(run.provider_name, run.provider),
-        estimated_cost_usd=getattr(plan, "expected_cost_usd", None),
+        phases=phases, min_billed_seconds=run.caps.min_billed_seconds,
+        estimated_cost_usd=plan.expected_cost_usd if plan is not None else None,
         estimated_seconds=run.job.timeout, status=result.status, exit_code=result.exit_code,
     )
     out = report.to_dict()

@@ -81,12 +81,14 @@ from ephemera_providers.aws_userdata import user_data
 from ephemera.errors import EphemeraError, InfraError
 from ephemera.provider import (
     LABEL_RUN_ID,
+    Capabilities,
     Endpoint,
     Instance,
     InstanceState,
     LaunchSpec,
     Offer,
     OfferRequest,
+    Runs,
 )
 
 __all__ = ["AWSProvider", "DLAMI_PARAMETER", "TAG_PREFIX", "from_tags", "resource_name",
@@ -126,8 +128,14 @@ class AWSProvider(LaunchResources, Failover, RunSearch, ConsoleHostKeys):
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"
-    # The controller makes a fresh ed25519 key per run; launch imports it as the key pair.
-    needs_ssh_key: ClassVar[bool] = True
+
+    @classmethod
+    def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
+        """A VM of the run's own: the job's image through its Docker on the host network,
+        a fresh SSH key per run (imported as the key pair), per-second billing with a
+        one-minute minimum."""
+        return Capabilities(runs=Runs.MACHINE, needs_ssh_key=True, container_network="host",
+                            min_billed_seconds=60)
 
     def __init__(self, settings: Any = None, *, session: Any = None, retry_attempts: int = 6,
                  retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0,

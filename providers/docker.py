@@ -25,12 +25,16 @@ from ephemera_providers.docker_remote import DockerRemote
 from ephemera.errors import ConfigError, InfraError, TeardownError
 from ephemera.provider import (
     LABEL_KEYS,
+    BuiltinImage,
+    Capabilities,
     Endpoint,
     Instance,
     InstanceState,
     LaunchSpec,
     Offer,
     OfferRequest,
+    PortChoice,
+    Runs,
     parse_time,
 )
 from ephemera.remote import Remote
@@ -120,6 +124,17 @@ class DockerProvider:
     """Containers on a Docker engine. See the module docstring."""
 
     name: ClassVar[str] = "docker"
+
+    @classmethod
+    def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
+        """The instance is the job's image. On the host network the engine's machine is
+        shared with other runs (a free port); on a bridge the port is published on
+        127.0.0.1 and the server listens on every address inside the container."""
+        network = (options.get("docker") or {}).get("network", "bridge")
+        host = network == "host"
+        return Capabilities(runs=Runs.IMAGE, port=PortChoice.FREE_HERE if host else PortChoice.FIXED,
+                            server_bind="127.0.0.1" if host else "0.0.0.0",
+                            builtin_image=BuiltinImage.LOCAL_ENGINE, pulls_before_launch=True)
 
     def __init__(self, client: Any = None) -> None:
         self._client = client

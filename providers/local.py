@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ephemera_providers._deadman import (
     check_run_id,
@@ -38,7 +38,17 @@ from ephemera_providers._deadman import (
 
 from ephemera.catalog import MAX_COMPUTE_CAPABILITY
 from ephemera.errors import ConfigError, InfraError, RemoteCommandError, TeardownError
-from ephemera.provider import Instance, InstanceState, LaunchSpec, Offer, OfferRequest
+from ephemera.provider import (
+    BuiltinImage,
+    Capabilities,
+    Instance,
+    InstanceState,
+    LaunchSpec,
+    Offer,
+    OfferRequest,
+    PortChoice,
+    Runs,
+)
 from ephemera.remote import CommandResult, LineSink, ShellRemote, inside
 from ephemera.settings import get_settings
 
@@ -326,6 +336,12 @@ class LocalProvider:
     """Processes on this machine. See the module docstring."""
 
     name: ClassVar[str] = "local"
+
+    @classmethod
+    def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
+        """Processes on this machine, shared with other runs: a free port here."""
+        return Capabilities(runs=Runs.THIS_MACHINE, port=PortChoice.FREE_HERE,
+                            builtin_image=BuiltinImage.CPU_ENV)
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root else get_settings().state_dir / "local"

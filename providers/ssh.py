@@ -40,12 +40,15 @@ from ephemera_providers.local import NVIDIA_SMI_SHELL, nvidia_offers
 from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownError
 from ephemera.provider import (
     LABEL_RUN_ID,
+    Capabilities,
     Endpoint,
     Instance,
     InstanceState,
     LaunchSpec,
     Offer,
     OfferRequest,
+    PortChoice,
+    Runs,
 )
 from ephemera.settings import get_settings
 from ephemera.ssh import HostKeyPin, SSHRemote, Target
@@ -110,6 +113,15 @@ class SSHProvider:
     """Jobs in a working directory on an existing host. See the module docstring."""
 
     name: ClassVar[str] = "ssh"
+
+    @classmethod
+    def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
+        """An existing host shared with other people's work: a free port asked on the
+        host, and the job's container on a bridge network unless the job asks for the
+        host's (``resources.ssh.network``)."""
+        network = (_target_fields(options) or {}).get("network") or "bridge"
+        return Capabilities(runs=Runs.MACHINE, port=PortChoice.FREE_ON_MACHINE,
+                            container_network=str(network))
 
     def __init__(self, target: Mapping[str, Any] | None = None) -> None:
         self.default = dict(target or {})

@@ -251,6 +251,8 @@ def test_cost_report_bills_the_launched_machine(tmp_path):
     """The run's report stage prices the instance that ran, not the planned offer."""
     from types import SimpleNamespace
 
+    from ephemera_providers.aws import AWSProvider
+
     from ephemera.controller import RunResult
     from ephemera.reporting import write_reports
 
@@ -261,7 +263,7 @@ def test_cost_report_bills_the_launched_machine(tmp_path):
         run_id="r-1", job=SimpleNamespace(name="qwen3-4b", timeout=900,
                                           model=SimpleNamespace(id="Qwen/Qwen3-4B")),
         loaded=SimpleNamespace(tier="smoke"), provider_name="aws", provider=None,
-        offer=_offer(), plan=SimpleNamespace(offer=_offer(), expected_cost_usd=0.05),
+        caps=AWSProvider.capabilities({}), offer=_offer(), plan=SimpleNamespace(offer=_offer(), expected_cost_usd=0.05),
         instance=instance, launched_at=at(0), terminated_at=at(100), teardown_result=None,
         phases=[SimpleNamespace(name="suite", started_at=at(0), ended_at=at(100))],
         reporter=SimpleNamespace(warn=warnings.append),

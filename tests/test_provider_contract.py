@@ -14,7 +14,8 @@ import pytest
 
 from ephemera.provider import LABEL_KEYS, Instance, InstanceState, Provider
 
-PROVIDERS = ["local", "ssh", "docker", "aws"]
+# dirhost: the plugin of tests/plugins, outside ephemera's packages.
+PROVIDERS = ["local", "ssh", "docker", "aws", "dirhost"]
 
 
 @pytest.fixture(params=PROVIDERS)
