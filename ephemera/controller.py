@@ -817,14 +817,7 @@ class Run:
                                                   progress=self.reporter.progress)
                     self.remote = container
                 self._check_stop()
-                uploaded = self.upload(model_dir)
-                self.start_server(uploaded or hub_id)
-                self.wait_healthy()
-                suite_status = self.run_suite()
-                if self.job.benchmark is not None:
-                    from ephemera.benchmark import benchmark_phase
-
-                    self.benchmark_result = benchmark_phase(self)
+                suite_status = self.serve_and_test(model_dir, hub_id)
                 if suite_status == 0:
                     status, code, message = "passed", errors.EXIT_OK, "the suite passed"
                 else:
@@ -863,17 +856,39 @@ class Run:
                                     f"Run `ephemera down {self.run_id}` to finish it.")
             finally:
                 self._restore_signals()
-        from ephemera.gates import judge_run, record
-
-        status, code, message = judge_run(self, status, code, message)
+        status, code, message = self.judge(status, code, message)
         if not verified:
             code = errors.EXIT_TEARDOWN_FAILED
             message += f"; teardown NOT verified: run `ephemera down {self.run_id}`"
         result = self._result(status, code, message)
         result.teardown_verified = verified if self.state is not None else None
         result.cost = self.report(result)
-        result.judgement = record(self)
+        result.judgement = self.record_judgement()
         return result
+
+    def serve_and_test(self, model_dir: Path | None, hub_id: str) -> int:
+        """Upload, start vLLM, wait for health, run the suite and the benchmark; the
+        suite's exit status. (A subclass may serve several models one after another.)"""
+        uploaded = self.upload(model_dir)
+        self.start_server(uploaded or hub_id)
+        self.wait_healthy()
+        suite_status = self.run_suite()
+        if self.job.benchmark is not None:
+            from ephemera.benchmark import benchmark_phase
+
+            self.benchmark_result = benchmark_phase(self)
+        return suite_status
+
+    def judge(self, status: str, code: int, message: str) -> tuple[str, int, str]:
+        """The verdict once the results and gates are known (ephemera.gates)."""
+        from ephemera.gates import judge_run
+
+        return judge_run(self, status, code, message)
+
+    def record_judgement(self) -> dict[str, Any] | None:
+        from ephemera.gates import record
+
+        return record(self)
 
     # ---------------------------------------------------------------- report
     def report(self, result: RunResult) -> dict[str, Any] | None:
