@@ -600,11 +600,11 @@ class AWSProvider(LaunchResources, Failover, RunSearch, ConsoleHostKeys):
     def connect(self, instance: Instance):
         """SSH to the instance (through the bastion when set); the job's image then runs
         through the VM's Docker with ``--gpus all``, as on every provider."""
-        from ephemera import ssh
+        from ephemera.ssh_remote import SSHRemote
 
         if instance.endpoint is None:
             raise InfraError(f"instance {instance.id} has no address yet (state {instance.state}).")
-        return ssh.SSHRemote.from_endpoint(instance.endpoint, run_id=instance.run_id)
+        return SSHRemote.from_endpoint(instance.endpoint, run_id=instance.run_id)
 
     # ----------------------------------------------------------------- helpers
 

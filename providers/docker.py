@@ -449,7 +449,7 @@ class DockerProvider:
     # -- connect -----------------------------------------------------------------
     def connect(self, instance: Instance) -> Remote:
         if instance.data.get("exec") == "ssh":
-            from ephemera.ssh import SSHRemote
+            from ephemera.ssh_remote import SSHRemote
 
             if instance.endpoint is None:
                 raise InfraError("exec: ssh: the container is not ready (no SSH endpoint yet)")

@@ -51,7 +51,8 @@ from ephemera.provider import (
     Runs,
 )
 from ephemera.settings import get_settings
-from ephemera.ssh import HostKeyPin, SSHRemote, Target
+from ephemera.ssh import HostKeyPin, Target
+from ephemera.ssh_remote import SSHRemote
 from ephemera.state import write_json_atomic
 
 log = logging.getLogger(__name__)

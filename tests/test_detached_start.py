@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from ephemera_providers.local import LocalRemote
 
-from ephemera.ssh import SSHRemote, Target
+from ephemera.ssh import Target
+from ephemera.ssh_remote import SSHRemote
 
 BUSY = "import time\nend = time.monotonic() + float({seconds})\nwhile time.monotonic() < end: pass\n"
 

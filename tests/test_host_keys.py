@@ -22,7 +22,8 @@ from ephemera.hostkeys import (
 )
 from ephemera.provider import InstanceState
 from ephemera.settings import reset_settings
-from ephemera.ssh import HostKeyPin, SSHRemote, Target, connect, generate_keypair
+from ephemera.ssh import HostKeyPin, Target, connect, generate_keypair
+from ephemera.ssh_remote import SSHRemote
 from tests.runlib import ephemera
 
 pytestmark = pytest.mark.timeout(120)

@@ -271,7 +271,8 @@ def test_dead_man_switch_survives_a_killed_ephemera(contract_docker, docker_engi
 def test_exec_over_ssh_option(contract_docker, tmp_path, network):
     """exec: ssh starts the image's sshd with the run's key; commands and copies then go
     over SSH (host key pinned from the container), on both network kinds."""
-    from ephemera.ssh import SSHRemote, generate_keypair
+    from ephemera.ssh import generate_keypair
+    from ephemera.ssh_remote import SSHRemote
 
     key_path, public = generate_keypair(tmp_path / "keys")
     provider = contract_docker.provider

@@ -17,11 +17,11 @@ from ephemera.errors import AuthError, TransientError
 from ephemera.ssh import (
     HostKeyChangedError,
     HostKeyPin,
-    SSHRemote,
     Target,
     connect,
     generate_keypair,
 )
+from ephemera.ssh_remote import SSHRemote
 from tests.fixtures.common import free_port
 
 pytestmark = pytest.mark.sshd
