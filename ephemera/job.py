@@ -60,6 +60,8 @@ MAX_PRICE_PER_HOUR = 1_000.0   # USD; the largest cloud GPU machines cost about 
 MAX_DISK_GIB = 16_000          # an EBS gp3 volume holds at most 16 TiB, the image included
 MAX_TIERS = 20
 MAX_DECLARED_GPUS = 64
+MAX_VARIANTS = 8
+VARIANT_NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,18}[a-z0-9])?$"
 
 
 class Strict(BaseModel):
@@ -301,6 +303,38 @@ class GatesSpec(Strict):
         return self.pass_rate is not None or self.pass_rate_by is not None
 
 
+def _compare_gates_model() -> type[BaseModel]:
+    from ephemera.benchmark import LATENCY_METRICS, RATE_METRICS
+
+    ratio = Annotated[float | None, Field(None, gt=0, le=1000, allow_inf_nan=False)]
+    fields: dict[str, Any] = {"pass_rate_drop_max": (
+        Annotated[float | None, Field(None, ge=0, le=1, allow_inf_nan=False)], None)}
+    for metric in LATENCY_METRICS + RATE_METRICS:
+        name = metric.removesuffix("_ms")
+        fields[f"{name}_ratio_max"] = (ratio, None)
+        fields[f"{name}_ratio_min"] = (ratio, None)
+    return create_model("CompareGates", __base__=Strict, **fields)
+
+
+# B against A: pass_rate_drop_max (A's pass rate minus B's, at most), and for every
+# benchmark figure FIGURE_ratio_max / FIGURE_ratio_min (B's figure / A's), e.g.
+# e2e_p90_ratio_max or output_tokens_per_s_ratio_min.
+CompareGates = _compare_gates_model()
+
+
+class CompareSpec(Strict):
+    placement: Literal["auto", "same-machine", "parallel"] = Field("auto", description=(
+        "same-machine: one instance, the variants one after another (one boot); parallel: "
+        "one instance per variant at once; auto: the cheaper, unless the deadline needs parallel."))
+    baseline: str | None = Field(None, description="The variant the others are compared with (default: the first).")
+    deadline: Duration | None = Field(None, description=(
+        "The whole comparison must end within this; auto then picks parallel when one after "
+        "another could take longer."))
+    gates: CompareGates = Field(default_factory=CompareGates)  # type: ignore[valid-type]
+    bootstrap: int = Field(2000, ge=100, le=100_000, description="Resamples for the P90 ratio's interval.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the bootstrap.")
+
+
 class Job(Strict):
     name: str = Field(description="Lower-case letters, digits and dashes (at most 63).")
     model: ModelSpec
@@ -317,6 +351,10 @@ class Job(Strict):
     gates: GatesSpec = Field(default_factory=GatesSpec)
     tiers: dict[str, dict[str, Any]] = Field(default_factory=dict, max_length=MAX_TIERS,
                                              description="Named overrides, deep-merged over the base.")
+    variants: dict[str, dict[str, Any] | None] = Field(
+        default_factory=dict, max_length=MAX_VARIANTS,
+        description="A/B: named overrides, each deep-merged over the job (like tiers) and run.")
+    compare: CompareSpec | None = Field(None, description="How the variants are placed and judged.")
 
     _env_names = field_validator("env")(_check_env)
 
@@ -335,6 +373,30 @@ class Job(Strict):
             if not re.match(NAME_RE, key):
                 raise ValueError(f"tier name '{key}' must be lower-case letters, digits and dashes")
         return value
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+        if len(value) == 1:
+            raise ValueError("give at least two variants to compare (e.g. a: {} and b: {...})")
+        for key, override in value.items():
+            if not re.match(VARIANT_NAME_RE, key):
+                raise ValueError(f"variant name '{key}' must be 1 to 20 lower-case letters, "
+                                 "digits and dashes")
+            for reserved in ("name", "variants", "compare", "tiers"):
+                if override and reserved in override:
+                    raise ValueError(f"variant '{key}' cannot set '{reserved}'")
+        return value
+
+    @model_validator(mode="after")
+    def _compare_needs_variants(self) -> Job:
+        if self.compare is not None and not self.variants:
+            raise ValueError("compare: needs a `variants:` section with two or more variants")
+        base = self.compare.baseline if self.compare is not None else None
+        if base is not None and base not in self.variants:
+            raise ValueError(f"compare.baseline: '{base}' is not a variant "
+                             f"({', '.join(self.variants)})")
+        return self
 
     @field_validator("gates")
     @classmethod

@@ -28,6 +28,7 @@ COMMANDS = {
     "cost": "cost",
     "results": "results",
     "baseline": "baseline",
+    "compare": "compare",
     "image": "image",
     "model": "model",
     "catalog": "catalog",

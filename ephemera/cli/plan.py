@@ -30,6 +30,9 @@ def command(job_file: Path, tier: str | None, catalog: Path | None, provider_nam
     loaded = load_job(job_file, tier=tier, check_provider=catalog is None)
     job = loaded.job
     masker = job_masker(loaded)
+    if job.variants:
+        _plan_variants(loaded, catalog, provider_name, as_json)
+        return
     try:
         plan = plan_job(job, catalog=catalog, provider_name=provider_name)
     except NoFittingOfferError as exc:
@@ -96,3 +99,17 @@ def _print_plan(plan) -> None:
         if len(plan.rejected) > 15:
             table.add_row("...", "", f"{len(plan.rejected) - 15} more (see --json)")
         console.print(table)
+
+
+def _plan_variants(loaded, catalog: Path | None, provider_name: str | None, as_json: bool) -> None:
+    """Each variant's machine, where they would run (same machine or in parallel) and
+    what each placement costs at most."""
+    from ephemera.variants import load_variants, placement_lines, plan_placement
+
+    variants = load_variants(loaded, check_provider=catalog is None)
+    placement = plan_placement(variants, catalog=catalog, provider_name=provider_name)
+    if as_json:
+        click.echo(json.dumps({"fits": True, **placement.to_dict()}, indent=2))
+        return
+    for line in placement_lines(placement):
+        click.echo(line)

@@ -17,8 +17,13 @@ import click
               help="Plan from this catalog CSV instead of the provider's offers.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the vLLM and suite commands; launch nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the result on stdout.")
+@click.option("--variant", hidden=True, help="Run only this variant (one instance of a parallel A/B run).")
+@click.option("--run-id", hidden=True, help="The run's id (given by the A/B run that starts it).")
+@click.option("--artifacts-dir", hidden=True, type=click.Path(path_type=Path),
+              help="Where this run's artifacts go (given by the A/B run that starts it).")
 def command(job_file: str, tier: str | None, provider_name: str | None, catalog: Path | None,
-            dry_run: bool, as_json: bool) -> None:
+            dry_run: bool, as_json: bool, variant: str | None = None, run_id: str | None = None,
+            artifacts_dir: Path | None = None) -> None:
     """Run a job: plan, provision, serve, test, collect, and always tear down.
 
     Exit codes: 0 the suite passed, 1 it failed, 2 bad input, 3 infrastructure
@@ -27,7 +32,7 @@ def command(job_file: str, tier: str | None, provider_name: str | None, catalog:
     from ephemera.errors import EphemeraError
 
     try:
-        _run(job_file, tier, provider_name, catalog, dry_run, as_json)
+        _run(job_file, tier, provider_name, catalog, dry_run, as_json, (variant, run_id, artifacts_dir))
     except EphemeraError as exc:
         if as_json:  # CI steps read stdout: give them an object even when nothing ran
             click.echo(json.dumps({"run_id": None, "status": "error", "exit_code": exc.exit_code,
@@ -36,7 +41,8 @@ def command(job_file: str, tier: str | None, provider_name: str | None, catalog:
 
 
 def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Path | None,
-         dry_run: bool, as_json: bool) -> None:
+         dry_run: bool, as_json: bool,
+         one: tuple[str | None, str | None, Path | None] = (None, None, None)) -> None:
     from ephemera.controller import Run
     from ephemera.jobfile import load_job
     from ephemera.progress import Reporter
@@ -48,8 +54,21 @@ def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Pa
         from ephemera.registry import load_provider_class
 
         load_provider_class(provider_name)  # unknown/broken plugin: exit 2 before anything
+    variant, run_id, artifacts_dir = one
+    if loaded.job.variants and variant is None:
+        from ephemera.variants import run_variants
+
+        sys.exit(run_variants(job_file, loaded, tier=tier, provider_name=provider_name,
+                              catalog=catalog, dry_run=dry_run, as_json=as_json))
+    if variant is not None:
+        from ephemera.variants import one_variant
+
+        loaded = one_variant(loaded, variant, check_provider=provider_name is None)
     reporter = Reporter()
-    run = Run(loaded, settings=settings, reporter=reporter, provider_name=provider_name, catalog=catalog)
+    run = Run(loaded, settings=settings, reporter=reporter, provider_name=provider_name, catalog=catalog,
+              run_id=run_id)
+    if artifacts_dir is not None:
+        run.artifacts_dir = artifacts_dir.resolve()
     if dry_run:
         result = run.dry_run()
         if as_json:
