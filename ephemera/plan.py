@@ -34,13 +34,12 @@ from ephemera.errors import ConfigError, NoFittingOfferError
 from ephemera.estimate import (
     GIB,
     Estimate,
-    Shape,
-    analyse,
     estimate_shape,
     valid_tensor_parallel_sizes,
     vllm_defaults,
 )
 from ephemera.job import Job
+from ephemera.model_shape import Shape, analyse
 from ephemera.modelconfig import ModelInfo
 from ephemera.provider import Offer, OfferRequest
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from ephemera.estimate import GIB, HYBRID_KV_SINCE, estimate
+from ephemera.estimate import GIB, estimate
+from ephemera.model_shape import HYBRID_KV_SINCE
 from ephemera.modelconfig import ModelInfo
 from tests.model_configs import (
     DEEPSEEK_V2_LITE,
