@@ -8,7 +8,6 @@ The schema itself is in ``ephemera.job``.
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -18,54 +17,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ephemera.errors import ConfigError
 from ephemera.job import MAX_TIERS, Job
+from ephemera.yaml_reader import (
+    MAX_TEXT_CHARS,
+    JobFileError,
+    Path_,
+    Problem,
+    clip,
+    first_content_line,
+    nearest,
+    parse_yaml,
+    plain_data,
+    read_text,
+)
 
-Path_ = tuple[str | int, ...]
-
-# Bounds on what a job file may hold. A real one has a few dozen values, a few levels
-# deep; these stop YAML aliases (each repeats its anchor's whole value) and nesting
-# from turning a small file into gigabytes or a stack overflow.
-MAX_JOB_FILE_BYTES = 1_000_000
-MAX_DEPTH = 32
-MAX_VALUES = 10_000
-MAX_TEXT_CHARS = 2_000_000
-MAX_SHOWN_PROBLEMS = 50
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class Problem:
-    line: int | None       # 1-based
-    column: int | None     # 1-based
-    path: str              # dotted field path ("suite.timeout"), "" for the whole file
-    message: str
-
-    def render(self, filename: str) -> str:
-        where = filename
-        if self.line is not None:
-            where += f":{self.line}"
-            if self.column is not None:
-                where += f":{self.column}"
-        field_part = f" {self.path}:" if self.path else ""
-        return f"{where}:{field_part} {self.message}"
-
-
-class JobFileError(ConfigError):
-    """A job file that cannot be used. ``problems`` lists every error found."""
-
-    kind = "invalid job file"
-
-    def __init__(self, filename: str, problems: list[Problem]) -> None:
-        self.filename = filename
-        self.problems = problems
-        lines = [p.render(filename) for p in problems[:MAX_SHOWN_PROBLEMS]]
-        if len(problems) > MAX_SHOWN_PROBLEMS:
-            lines.append(f"... and {len(problems) - MAX_SHOWN_PROBLEMS} more")
-        count = f"{len(problems)} error{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"{filename}: {count}\n" + "\n".join("  " + line for line in lines))
 
 
 @dataclass
@@ -84,246 +51,7 @@ class LoadedJob:
         return self.path.parent
 
     def location(self, path: Path_) -> tuple[int, int] | None:
-        return _nearest(self.locations, path)
-
-
-# ----------------------------------------------------------------------------- reading
-
-def _read_text(path: Path) -> str:
-    name = str(path)
-    if not path.exists():
-        raise JobFileError(name, [Problem(None, None, "", "no such file")])
-    if path.is_dir():
-        raise JobFileError(name, [Problem(None, None, "", "is a directory, not a job file")])
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise JobFileError(name, [Problem(None, None, "", f"cannot be read: {exc.strerror}")]) from None
-    if len(raw) > MAX_JOB_FILE_BYTES:
-        raise JobFileError(name, [Problem(None, None, "", f"is {len(raw)} bytes; a job file is at most {MAX_JOB_FILE_BYTES}")])
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise JobFileError(name, [Problem(1, None, "", "is UTF-16 text; save it as UTF-8")])
-    if b"\x00" in raw:
-        offset = raw.index(b"\x00")
-        line = raw[:offset].count(b"\n") + 1
-        raise JobFileError(name, [Problem(line, None, "", "contains a NUL byte: this is a binary file, not YAML")])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise JobFileError(name, [Problem(line, None, "", f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})")]) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    """Messages quote the file: keep a huge value from filling the terminal."""
-    return text if len(text) <= limit else text[: limit - 20] + " ... " + text[-15:]
-
-
-class _Refused(Exception):
-    """A value the loader will not build, with where it starts in the file."""
-
-    def __init__(self, mark: Any, path: list[str | int], message: str) -> None:
-        super().__init__(message)
-        self.line = mark.line + 1 if mark is not None else None
-        self.column = mark.column + 1 if mark is not None else None
-        self.path = ".".join(str(p) for p in path)
-        self.message = message
-
-
-@functools.cache
-def _bounded_loader_classes() -> tuple[type, type]:
-    """A composer that counts values as aliases expand them and refuses deep nesting,
-    and a constructor that turns a scalar it cannot convert into a positioned error."""
-    from ruamel.yaml.composer import Composer
-    from ruamel.yaml.constructor import RoundTripConstructor
-    from ruamel.yaml.error import YAMLError
-    from ruamel.yaml.events import AliasEvent
-    from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
-
-    class BoundedComposer(Composer):
-        def compose_document(self) -> Any:
-            self._values = self._chars = 0
-            self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> expanded (values, chars)
-            self._path: list[str | int] = []
-            return super().compose_document()
-
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            event = self.parser.peek_event()
-            step = self._step(parent, index)
-            if step is not None:
-                self._path.append(step)
-            try:
-                if isinstance(event, AliasEvent):
-                    return self._alias(parent, index, event)
-                return self._value(parent, index, event)
-            finally:
-                if step is not None:
-                    self._path.pop()
-
-        @staticmethod
-        def _step(parent: Any, index: Any) -> str | int | None:
-            if isinstance(parent, SequenceNode):
-                return index
-            if isinstance(parent, MappingNode):
-                if index is None:
-                    return "<key>"
-                return str(index.value) if isinstance(index, ScalarNode) else "?"
-            return None
-
-        def _alias(self, parent: Any, index: Any, event: Any) -> Any:
-            node = super().compose_node(parent, index)
-            size = self._sizes.get(id(node))
-            if size is None:
-                raise _Refused(event.start_mark, self._path,
-                               f"alias *{event.anchor} refers to a value that contains it")
-            self._count(*size, event.start_mark, event.anchor)
-            return node
-
-        def _value(self, parent: Any, index: Any, event: Any) -> Any:
-            if len(self._path) > MAX_DEPTH:
-                raise _Refused(event.start_mark, self._path[:4],
-                               f"nested deeper than {MAX_DEPTH} levels (a job file needs a few)")
-            values, chars = self._values, self._chars
-            self._count(1, 0, event.start_mark, None)
-            node = super().compose_node(parent, index)
-            if isinstance(node, ScalarNode):
-                self._count(0, len(node.value), event.start_mark, None)
-                if _SURROGATE.search(node.value):
-                    raise _Refused(event.start_mark, self._path,
-                                   "an escape such as \\ud800 stands for half of a UTF-16 pair, "
-                                   "not a character: write the character itself or \\U0001F600")
-            self._sizes[id(node)] = (self._values - values, self._chars - chars)
-            return node
-
-        def _count(self, values: int, chars: int, mark: Any, alias: str | None) -> None:
-            self._values += values
-            self._chars += chars
-            if self._values <= MAX_VALUES and self._chars <= MAX_TEXT_CHARS:
-                return
-            what = (f"more than {MAX_VALUES} values" if self._values > MAX_VALUES
-                    else f"more than {MAX_TEXT_CHARS} characters of text")
-            message = f"the file holds {what}"
-            if alias is not None:
-                message += (f" once alias *{alias} is expanded (it repeats {values} values "
-                            f"and {chars} characters)")
-            raise _Refused(mark, self._path, message + "; a job file is smaller than that")
-
-    class CheckedConstructor(RoundTripConstructor):
-        def construct_non_recursive_object(self, node: Any, tag: str | None = None) -> Any:
-            try:
-                return super().construct_non_recursive_object(node, tag)
-            except (YAMLError, _Refused):
-                raise
-            except Exception as exc:  # noqa: BLE001 - a tag's converter on text it cannot take
-                raise _Refused(node.start_mark, [],
-                               f"cannot read this value as {_clip(str(node.tag), 60)}: "
-                               f"{type(exc).__name__}: {_clip(str(exc), 120)}") from None
-
-    return BoundedComposer, CheckedConstructor
-
-
-def _parse_yaml(text: str, name: str) -> Any:
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError, YAMLError
-
-    yaml = YAML(typ="rt")
-    yaml.Composer, yaml.Constructor = _bounded_loader_classes()
-    try:
-        return yaml.load(text)
-    except _Refused as exc:
-        raise JobFileError(name, [Problem(exc.line, exc.column, exc.path, exc.message)]) from None
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        parts = (exc.problem, exc.context)
-        if exc.problem and str(exc.problem).startswith("but "):
-            parts = (exc.context, exc.problem)  # "expected X" reads before "but found Y"
-        what = " ".join(str(s) for s in parts if s)
-        if "duplicate key" in str(exc):
-            what = str(exc).split("\n")[-1].strip() or what
-            what = next((ln.strip() for ln in str(exc).splitlines() if "duplicate key" in ln), what)
-        what = _clip(what)
-        line = mark.line + 1 if mark else None
-        col = mark.column + 1 if mark else None
-        start = exc.context_mark
-        if mark is not None and start is not None and start.line != mark.line:
-            # An unclosed quote or bracket fails far from where it was opened.
-            what += f" (started at line {start.line + 1}, column {start.column + 1})"
-        raise JobFileError(name, [Problem(line, col, "", f"YAML syntax error: {what}")]) from None
-    except YAMLError as exc:
-        raise JobFileError(name, [Problem(None, None, "", f"YAML error: {_clip(str(exc))}")]) from None
-    except Exception as exc:  # noqa: BLE001 - ruamel on input it was not made for
-        raise JobFileError(name, [Problem(None, None, "", f"cannot read the YAML: "
-                                          f"{type(exc).__name__}: {_clip(str(exc))}")]) from None
-
-
-def _first_content_line(text: str) -> int:
-    """1-based line of the first thing that is not blank, a comment or a directive."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped and not stripped.startswith(("#", "%", "---")):
-            return number
-    return 1
-
-
-def _plain(node: Any, path: Path_, locations: dict[Path_, tuple[int, int]]) -> Any:
-    """Convert ruamel's round-trip nodes to plain Python, recording where each value is."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
-
-    if isinstance(node, CommentedMap):
-        out: dict[str, Any] = {}
-        for key in node:
-            try:
-                line, col = node.lc.value(key)
-            except (KeyError, TypeError, AttributeError):
-                line, col = node.lc.line, node.lc.col
-            try:
-                kline, kcol = node.lc.key(key)
-            except (KeyError, TypeError, AttributeError):
-                kline, kcol = line, col
-            skey = str(key)
-            child_path = (*path, skey)
-            value = node[key]
-            # A nested mapping or list is best pointed at by its key; a scalar by its value.
-            if isinstance(value, CommentedMap | CommentedSeq):
-                locations[child_path] = (kline + 1, kcol + 1)
-            else:
-                locations[child_path] = (line + 1, col + 1)
-            locations[(*child_path, "<key>")] = (kline + 1, kcol + 1)
-            out[skey] = _plain(value, child_path, locations)
-        return out
-    if isinstance(node, CommentedSeq):
-        items = []
-        for index, value in enumerate(node):
-            try:
-                line, col = node.lc.item(index)
-                locations[(*path, index)] = (line + 1, col + 1)
-            except (KeyError, TypeError, AttributeError, IndexError):
-                pass
-            items.append(_plain(value, (*path, index), locations))
-        return items
-    if isinstance(node, str):
-        return str(node)
-    if isinstance(node, bool):
-        return bool(node)
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    if node is None:
-        return None
-    return str(node)  # dates and other YAML types: keep the text
-
-
-def _nearest(locations: Mapping[Path_, tuple[int, int]], path: Path_) -> tuple[int, int] | None:
-    probe = tuple(path)
-    while probe:
-        if probe in locations:
-            return locations[probe]
-        probe = probe[:-1]
-    return None
+        return nearest(self.locations, path)
 
 
 # ------------------------------------------------------------------------- ${VAR} expansion
@@ -384,7 +112,7 @@ def _check_expanded_size(raw: dict[str, Any], env: Mapping[str, str],
                 value = env.get(var, "") if var else "$"
                 total += len(value if value or not sep else default) - len(match.group(0))
         if total > MAX_TEXT_CHARS:
-            line, col = _nearest(locations, path) or (None, None)
+            line, col = nearest(locations, path) or (None, None)
             raise JobFileError(name, [Problem(line, col, ".".join(str(p) for p in path),
                                               f"with ${{...}} expanded the file holds more than "
                                               f"{MAX_TEXT_CHARS} characters of text")])
@@ -512,10 +240,10 @@ def _pydantic_problems(exc: ValidationError, data: dict[str, Any],
             message = f"unknown key '{loc[-1]}'"
             if allowed:
                 message += f" (allowed here: {', '.join(allowed)})"
-            where = locations.get((*loc, "<key>")) or _nearest(locations, loc)
+            where = locations.get((*loc, "<key>")) or nearest(locations, loc)
         elif kind == "missing":
             message = "required field is missing"
-            where = _nearest(locations, loc[:-1]) if loc[:-1] else None
+            where = nearest(locations, loc[:-1]) if loc[:-1] else None
             if where is None and not loc[:-1]:
                 where = (1, 1)
         else:
@@ -527,7 +255,7 @@ def _pydantic_problems(exc: ValidationError, data: dict[str, Any],
                 message += f"; found {_type_name(found)} {_short(found)}"
             elif found is not _MISSING and "found" not in msg:
                 message += f"; found {_short(found)}"
-            where = _nearest(locations, loc)
+            where = nearest(locations, loc)
             if isinstance(found, dict):
                 # A validator that names one bad key: point at that key, not the mapping.
                 named = [k for k in found if f"'{k}'" in msg and (*loc, k, "<key>") in locations]
@@ -545,7 +273,7 @@ def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
     problems = []
 
     def at(path: Path_, message: str) -> None:
-        where = _nearest(locations, path)
+        where = nearest(locations, path)
         problems.append(Problem(where[0] if where else None, where[1] if where else None,
                                 prefix + ".".join(str(p) for p in path), message))
 
@@ -562,11 +290,11 @@ def _semantic_problems(job: Job, data: dict[str, Any], base_dir: Path,
             found = candidate.exists()
         except (OSError, ValueError) as exc:  # a name too long, a NUL byte
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            at(("suite", "files", index), f"'{_clip(entry, 60)}' is not a usable path ({reason})")
+            at(("suite", "files", index), f"'{clip(entry, 60)}' is not a usable path ({reason})")
             continue
         if not found:
             at(("suite", "files", index),
-               f"'{_clip(entry, 200)}' does not exist (looked for {_clip(str(candidate), 300)})")
+               f"'{clip(entry, 200)}' does not exist (looked for {clip(str(candidate), 300)})")
     return problems
 
 
@@ -606,14 +334,14 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     problem (also those in tiers not selected, unless ``check_all_tiers`` is False)."""
     path = Path(path)
     name = str(path)
-    text = _read_text(path)
-    tree = _parse_yaml(text, name)
+    text = read_text(path)
+    tree = parse_yaml(text, name)
     if tree is None:
         raise JobFileError(name, [Problem(None, None, "", "the file is empty: a job needs at least name, model, image and suite")])
     locations: dict[Path_, tuple[int, int]] = {}
-    raw = _plain(tree, (), locations)
+    raw = plain_data(tree, (), locations)
     if not isinstance(raw, dict):
-        line = _first_content_line(text)
+        line = first_content_line(text)
         raise JobFileError(name, [Problem(line, 1, "", f"the top level must be a mapping of fields, found {_type_name(raw)}")])
     _check_tier_count(raw, locations, name)
     _check_expanded_size(raw, os.environ if env is None else env, locations, name)
@@ -621,7 +349,7 @@ def load_job(path: str | Path, tier: str | None = None, *, env: Mapping[str, str
     env_problems: list[tuple[Path_, str]] = []
     substituted: set[str] = set()
     data = expand_env(raw, os.environ if env is None else env, (), env_problems, substituted)
-    problems = [Problem(*(_nearest(locations, p) or (None, None)), ".".join(str(x) for x in p), m)
+    problems = [Problem(*(nearest(locations, p) or (None, None)), ".".join(str(x) for x in p), m)
                 for p, m in env_problems]
 
     base_dir = path.resolve().parent

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from ephemera.durations import MAX_JOB_SECONDS
 from ephemera.job import Job
-from ephemera.jobfile import MAX_DEPTH, MAX_VALUES, JobFileError, load_job
+from ephemera.jobfile import JobFileError, load_job
+from ephemera.yaml_reader import MAX_DEPTH, MAX_VALUES
 from tests.hostile import MB, bounded, run_measured
 
 BASE_TEXT = """\

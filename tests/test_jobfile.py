@@ -160,7 +160,7 @@ def test_too_many_tiers_is_one_error_at_the_tiers_key(tmp_path: Path):
 
 
 def test_alias_expansion_is_counted(tmp_path: Path):
-    from ephemera.jobfile import MAX_VALUES
+    from ephemera.yaml_reader import MAX_VALUES
 
     # 12 x 1,000 = 12,000 values once *big is expanded twelve times; 1,012 as written.
     text = (BASE + "x: &big [" + ", ".join(["1"] * 1000) + "]\n"
@@ -184,7 +184,7 @@ def test_a_recursive_alias_is_refused(tmp_path: Path):
 
 
 def test_deep_nesting_is_refused_with_line_and_field(tmp_path: Path):
-    from ephemera.jobfile import MAX_DEPTH
+    from ephemera.yaml_reader import MAX_DEPTH
 
     ok = BASE + "resources:\n  options:\n    a: " + "[" * (MAX_DEPTH - 3) + "]" * (MAX_DEPTH - 3) + "\n"
     assert load_job(write(tmp_path, ok), check_provider=False)
@@ -215,7 +215,7 @@ def test_unusable_paths_in_suite_files_are_errors(tmp_path: Path):
 
 
 def test_many_problems_are_listed_in_full_but_printed_in_part(tmp_path: Path):
-    from ephemera.jobfile import MAX_SHOWN_PROBLEMS
+    from ephemera.yaml_reader import MAX_SHOWN_PROBLEMS
 
     text = BASE + "".join(f"unknown{i}: 1\n" for i in range(80))
     with pytest.raises(JobFileError) as info:
