@@ -137,3 +137,12 @@ def test_exit_code_of_an_ab_run():
     assert exit_code([outcome("a", 0), outcome("b", 130, "interrupted")], False, None) == 130
     assert exit_code([outcome("a", 5), outcome("b", 130, "interrupted")], False, 2) == 5
     assert exit_code([outcome("a", 0), outcome("b", 0)], False, 15) == 143
+
+
+def test_the_example_ab_job(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_example_token_value")
+    loaded = load_job(Path(__file__).parent.parent / "jobs" / "qwen-ab.yaml", check_provider=False)
+    a, b = load_variants(loaded, check_provider=False)
+    assert (a.job.model.id, b.job.model.id) == ("Qwen/Qwen2-7B-Instruct", "Qwen/Qwen3-4B-Instruct-2507")
+    assert a.job.benchmark == b.job.benchmark and a.job.suite == b.job.suite
+    assert b.job.model.served_name == "llm" and a.compare.gates.e2e_p90_ratio_max == 1.1
