@@ -21,7 +21,7 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from ephemera_providers import aws as aws_module
 from ephemera_providers.aws import AWSProvider
-from ephemera_providers.aws_common import attached_groups, data_from_instance, from_tags
+from ephemera_providers.aws_common import Options, attached_groups, data_from_instance, from_tags
 from ephemera_providers.aws_prices import on_demand_price, spot_price_now, spot_prices
 from ephemera_providers.aws_quotas import QuotaReader
 from ephemera_providers.aws_resources import SkipRegion
@@ -275,7 +275,7 @@ def test_describe_images(answer):
 def test_ami_parameter(answer):
     aws = answering(GetParameter=answer)
     aws.settings.aws_ami = None
-    outcome = bounded(lambda: aws._resolve_ami(REGION, aws_module.Options({})), TYPED)
+    outcome = bounded(lambda: aws._resolve_ami(REGION, Options({})), TYPED)
     if outcome.error is None:
         assert outcome.value == "ami-0123456789abcdef0"
     else:
@@ -380,7 +380,7 @@ def test_subnets(subnets, vpcs, offerings, configured):
     aws = answering(DescribeSubnets=subnets, DescribeVpcs=vpcs,
                     DescribeInstanceTypeOfferings=offerings)
     aws.settings.aws_subnet_id = None
-    opts = aws_module.Options({"subnet_ids": ["subnet-1"]} if configured else {})
+    opts = Options({"subnet_ids": ["subnet-1"]} if configured else {})
     outcome = bounded(lambda: aws._subnets(REGION, "g5.xlarge", opts, []),
                       TYPED + (SkipRegion,))
     if outcome.error is None:
