@@ -258,6 +258,9 @@ class Run:
         self.state.instance = self.instance
         if self.offer is not None:   # for `ephemera ls`: the cost so far
             self.state.extra["price_per_hour"] = self.offer.price_per_hour
+        # For `ephemera logs`: the job, so it can mask what the run's secrets would show.
+        self.state.extra["job_file"] = str(self.loaded.path)
+        self.state.extra["tier"] = self.loaded.tier
         save_state(self.settings.state_dir, self.state)
         fault_point(f"state-{status}")
 

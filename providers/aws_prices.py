@@ -28,9 +28,10 @@ MAX_PAGES = 1000
 
 
 def make_provider() -> Any:
-    from ephemera_providers.aws import AWSProvider
+    """The registered aws provider (through the registry: this module is one of its parts)."""
+    from ephemera.registry import get_provider
 
-    return AWSProvider()
+    return get_provider("aws")
 
 
 def _product_filters(instance_type: str, region: str) -> list[dict[str, str]]:

@@ -104,6 +104,29 @@ def _drain(sources: list[Source], live: LiveRun | None, emit: Callable[[Source, 
         source.shown += len(lines)
 
 
+def log_masker(state: Any) -> Callable[[str], str]:
+    """What the run would mask: the secret-looking values of this environment and, when
+    the run's job file can be read again, what it substitutes and its secret keys. A
+    live server log comes straight from the instance, so it is masked here."""
+    import os
+
+    from ephemera.masking import Masker, job_masker, secret_values
+
+    here = Masker(secret_values(os.environ))
+    job_file = (state.extra.get("job_file") if state is not None else None) or ""
+    if not job_file:
+        return here
+    try:
+        from ephemera.jobfile import load_job
+
+        of_job = job_masker(load_job(job_file, tier=state.extra.get("tier") or None))
+    except Exception as exc:  # noqa: BLE001 - the logs are still worth showing
+        click.echo(f"warning: could not read the run's job file {job_file} ({exc}); only "
+                   "secret-looking values of this environment are masked", err=True)
+        return here
+    return lambda line: of_job(here(line))
+
+
 @click.command("logs")
 @click.argument("run_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the run ends.")
@@ -131,7 +154,10 @@ def command(run_id: str, follow: bool, which: str | None) -> None:
                           f"{settings.state_dir / 'runs'} and no artifacts in {artifacts}")
     sources = _sources(state, artifacts, which)
 
+    mask = log_masker(state)
+
     def emit(source: Source, line: str) -> None:
+        line = mask(line)
         click.echo(f"{source.name}| {line}" if len(sources) > 1 else line)
 
     live_state = _is_live(settings, run_id)
