@@ -573,7 +573,11 @@ def _write(group_dir: Path, comparison: Any, outcomes: list[Outcome], placement:
     data = {"run_id": group_id, "placement": placement.to_dict(),
             "variants": [o.to_dict() for o in outcomes], "comparison": comparison.to_dict()}
     (group_dir / COMPARE_JSON).write_text(json.dumps(mask_data(data, masker), indent=2), encoding="utf-8")
-    (group_dir / COMPARE_MD).write_text(masker(markdown(comparison)), encoding="utf-8")
+    text = masker(markdown(comparison))
+    (group_dir / COMPARE_MD).write_text(text, encoding="utf-8")
+    from ephemera.summary import append_step_summary
+
+    append_step_summary(text)
 
 
 def run_variants(job_file: str, loaded: LoadedJob, *, tier: str | None, provider_name: str | None,

@@ -167,3 +167,13 @@ def test_compare_command_names_an_unknown_run():
     with pytest.raises(ConfigError, match="run 'nope' is neither in the history"):
         CliRunner().invoke(cli, ["compare", "nope", "other"], catch_exceptions=False,
                            standalone_mode=False)
+
+
+def test_the_markdown_report_for_a_step_summary():
+    from ephemera.compare import markdown
+
+    spec = CompareSpec(gates={"e2e_p90_ratio_max": 1.1})
+    text = markdown(compare_sides([side("a", 2, 0, 100.0), side("b", 2, 0, 150.0)], spec, "same-machine"))
+    assert text.startswith("#### A/B comparison (same-machine)")
+    assert "| e2e_p90_ms | 100.0 ms | 150.0 ms | 1.500x (worse) |" in text
+    assert "- ❌ compare gate e2e_p90_ratio_max: b's e2e_p90_ms" in text
