@@ -28,7 +28,7 @@ from _common import ephemera_command  # noqa: E402 - sibling module of this scri
 
 
 def fill(db: Path, count: int) -> float:
-    from ephemera.history import RunRecord, record_run
+    from ephemera.results.history import RunRecord, record_run
 
     now = datetime.now(UTC)
     statuses = ("passed", "passed", "passed", "failed", "error")
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
 
-    from ephemera.history import GROUPINGS, count_runs, summarize
+    from ephemera.results.history import GROUPINGS, count_runs, summarize
 
     with tempfile.TemporaryDirectory(prefix="ephemera-bench-cost-") as tmp:
         db = Path(tmp) / "history.sqlite3"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ephemera_providers.docker import DockerProvider
 
-from ephemera.cpu_image import BASE_REPO, base_tag
+from ephemera.builtins.cpu_image import BASE_REPO, base_tag
 from ephemera.provider import InstanceState, LaunchSpec, Offer, make_labels
 
 
@@ -60,9 +60,9 @@ def main() -> None:
     print(f"get 50 MiB:              {get_s * 1000:7.0f} ms ({50 / get_s:.0f} MiB/s)")
     print(f"terminate (verified):    {term_s * 1000:7.0f} ms")
 
-    from ephemera.cpu_env import ensure_cpu_env
-    from ephemera.cpu_image import ensure_cpu_image
-    from ephemera.tiny_model import ensure_tiny_model
+    from ephemera.builtins.cpu_env import ensure_cpu_env
+    from ephemera.builtins.cpu_image import ensure_cpu_image
+    from ephemera.builtins.tiny_model import ensure_tiny_model
 
     for name, fn in (("ensure_cpu_env (cached)", ensure_cpu_env),
                      ("ensure_tiny_model (cached)", ensure_tiny_model),

@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ephemera.catalog import COLUMNS, builtin_aws_catalog, load_catalog
-from ephemera.job import Job
-from ephemera.plan import job_shape, make_plan
+from ephemera.sizing.catalog import COLUMNS, builtin_aws_catalog, load_catalog
+from ephemera.sizing.plan import job_shape, make_plan
+from ephemera.spec.job import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = ROOT / "tests" / "data" / "reference-models" / "Llama-3.1-8B-Instruct"

@@ -34,8 +34,8 @@ def main() -> None:
 
     from ephemera_providers.local import LocalRemote
 
-    from ephemera.ssh import Target, connect
-    from ephemera.ssh_remote import SSHRemote
+    from ephemera.transport.ssh import Target, connect
+    from ephemera.transport.ssh_remote import SSHRemote
     from tests.fixtures.sshd import start_sshd, stop_sshd
 
     with tempfile.TemporaryDirectory(prefix="bench-ssh-") as tmp:

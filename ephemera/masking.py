@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ephemera.jobfile import LoadedJob
+    from ephemera.spec.jobfile import LoadedJob
 
 MASK = "***"
 MIN_SECRET = 6

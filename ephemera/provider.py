@@ -2,7 +2,7 @@
 
 A provider turns a :class:`LaunchSpec` into an :class:`Instance` and back into
 nothing. It never sleeps or waits: ``launch`` returns at once, ``poll`` says how
-far the instance has come, and the controller (``ephemera.controller``) owns every
+far the instance has come, and the controller (``ephemera.lifecycle.controller``) owns every
 wait, deadline and retry. ``terminate`` must be idempotent: an instance that is
 already gone is a success.
 
@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ephemera.remote import Remote
+    from ephemera.transport.remote import Remote
 
 # Canonical label keys. Each provider spells them as its platform allows
 # (Docker: "dev.ephemera.run-id"; AWS tags: "ephemera:run-id").

@@ -133,7 +133,7 @@ class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, 
                  retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0,
                  call_seconds: float = CALL_SECONDS) -> None:
         if settings is None:
-            from ephemera.settings import get_settings
+            from ephemera.spec.settings import get_settings
 
             settings = get_settings()
         self.settings = settings
@@ -179,7 +179,7 @@ class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, 
     def check_details(cls, client: Any = None) -> list[str]:
         """For ``ephemera check``: the on-demand and spot vCPU quotas (Service Quotas) of
         the GPU families in the catalog, in the default region, one line each."""
-        from ephemera.catalog import builtin_aws_catalog
+        from ephemera.sizing.catalog import builtin_aws_catalog
 
         provider = cls()
         region = provider.default_region()
@@ -267,7 +267,7 @@ class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, 
     def offers(self, request: OfferRequest) -> list[Offer]:
         """The built-in price catalog, replaced by ``ephemera catalog refresh aws``'s
         cache when there is one."""
-        from ephemera import catalog
+        from ephemera.sizing import catalog
 
         return list(catalog.builtin_aws_offers(request))
 
@@ -369,7 +369,7 @@ class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, 
     def connect(self, instance: Instance):
         """SSH to the instance (through the bastion when set); the job's image then runs
         through the VM's Docker with ``--gpus all``, as on every provider."""
-        from ephemera.ssh_remote import SSHRemote
+        from ephemera.transport.ssh_remote import SSHRemote
 
         if instance.endpoint is None:
             raise InfraError(f"instance {instance.id} has no address yet (state {instance.state}).")

@@ -6,7 +6,7 @@ output comes through the EC2 API (signed, over TLS), so keys read from it can be
 before SSH is first used: a machine in the middle cannot present its own key. Until
 the keys show up (the console output lags the boot by up to a few minutes), the
 instance is not ready; after ``aws_host_key_wait`` seconds from launch the run goes on
-and known_hosts or first-use trust decide (see :mod:`ephemera.hostkeys`).
+and known_hosts or first-use trust decide (see :mod:`ephemera.transport.hostkeys`).
 
 A mixin of :class:`ephemera_providers.aws.AWSProvider`.
 """
@@ -17,8 +17,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from ephemera.hostkeys import keys_from_console
 from ephemera.provider import Instance
+from ephemera.transport.hostkeys import keys_from_console
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def spot_price_now(provider: Any, instance_type: str, region: str, zone: str) ->
 
 def refresh(regions: Iterable[str], provider: Any = None) -> list[Offer]:
     """Offers with today's prices in each region (on-demand and spot)."""
-    from ephemera.catalog import builtin_aws_catalog
+    from ephemera.sizing.catalog import builtin_aws_catalog
 
     provider = provider or make_provider()
     known: dict[str, Offer] = {}

@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ephemera.lifecycle.state import write_json_atomic
 from ephemera.provider import format_time, parse_time
-from ephemera.state import write_json_atomic
 
 _SAFE_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 

@@ -37,7 +37,7 @@ from ephemera.provider import (
     Runs,
     parse_time,
 )
-from ephemera.remote import Remote
+from ephemera.transport.remote import Remote
 
 __all__ = ["DockerProvider", "DockerRemote"]
 
@@ -143,7 +143,7 @@ class DockerProvider:
     @property
     def client(self) -> Any:
         if self._client is None:
-            from ephemera.docker_engine import connect_docker
+            from ephemera.transport.docker_engine import connect_docker
 
             client = connect_docker("the docker provider")
             self._client = client
@@ -209,7 +209,7 @@ class DockerProvider:
     def _image(self, name: str, progress: Callable[[str], None] | None = None) -> str:
         import docker
 
-        from ephemera.cpu_image import IMAGE_REPO, resolve_image
+        from ephemera.builtins.cpu_image import IMAGE_REPO, resolve_image
 
         ref = resolve_image(name)
         try:
@@ -294,8 +294,8 @@ class DockerProvider:
             public_key, key_path = spec.ssh_public_key, spec.ssh_private_key_path
             if not public_key:
                 # No key from the controller: make one for this run, beside its state.
-                from ephemera.settings import get_settings
-                from ephemera.ssh import generate_keypair
+                from ephemera.spec.settings import get_settings
+                from ephemera.transport.ssh import generate_keypair
 
                 path, public_key = generate_keypair(
                     get_settings().state_dir / "keys" / f"docker-{spec.run_id}")
@@ -436,7 +436,7 @@ class DockerProvider:
     @staticmethod
     def _forget_key(run_id: str) -> None:
         """Delete the SSH key this provider made for the run (exec: ssh), if any."""
-        from ephemera.settings import get_settings
+        from ephemera.spec.settings import get_settings
 
         shutil.rmtree(get_settings().state_dir / "keys" / f"docker-{run_id}", ignore_errors=True)
 
@@ -449,7 +449,7 @@ class DockerProvider:
     # -- connect -----------------------------------------------------------------
     def connect(self, instance: Instance) -> Remote:
         if instance.data.get("exec") == "ssh":
-            from ephemera.ssh_remote import SSHRemote
+            from ephemera.transport.ssh_remote import SSHRemote
 
             if instance.endpoint is None:
                 raise InfraError("exec: ssh: the container is not ready (no SSH endpoint yet)")

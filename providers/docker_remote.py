@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ephemera.errors import ConfigError, PhaseTimeoutError, RemoteCommandError
-from ephemera.remote import CommandResult, LineSink, ShellRemote, inside
+from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, inside
 
 TAIL_LINES = 60
 GLOB_CHARS = set("*?[]")

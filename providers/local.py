@@ -36,7 +36,6 @@ from ephemera_providers._deadman import (
     unprefixed,
 )
 
-from ephemera.catalog import MAX_COMPUTE_CAPABILITY
 from ephemera.errors import ConfigError, InfraError, RemoteCommandError, TeardownError
 from ephemera.provider import (
     BuiltinImage,
@@ -49,8 +48,9 @@ from ephemera.provider import (
     PortChoice,
     Runs,
 )
-from ephemera.remote import CommandResult, LineSink, ShellRemote, inside
-from ephemera.settings import get_settings
+from ephemera.sizing.catalog import MAX_COMPUTE_CAPABILITY
+from ephemera.spec.settings import get_settings
+from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, inside
 
 TAIL_LINES = 200
 

@@ -38,6 +38,7 @@ from ephemera_providers._deadman import (
 from ephemera_providers.local import NVIDIA_SMI_SHELL, nvidia_offers
 
 from ephemera.errors import ConfigError, EphemeraError, InfraError, TeardownError
+from ephemera.lifecycle.state import write_json_atomic
 from ephemera.provider import (
     LABEL_RUN_ID,
     Capabilities,
@@ -50,10 +51,9 @@ from ephemera.provider import (
     PortChoice,
     Runs,
 )
-from ephemera.settings import get_settings
-from ephemera.ssh import HostKeyPin, Target
-from ephemera.ssh_remote import SSHRemote
-from ephemera.state import write_json_atomic
+from ephemera.spec.settings import get_settings
+from ephemera.transport.ssh import HostKeyPin, Target
+from ephemera.transport.ssh_remote import SSHRemote
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class SSHProvider:
         remote = self._remote(fields, CONNECT_TIMEOUT, fields.get("host_key"))
         try:
             # A run that used a container image left one on the host's Docker (labelled with
-            # the run id by ephemera.container): remove it first, when Docker is there.
+            # the run id by ephemera.transport.container): remove it first, when Docker is there.
             run_label = shlex.quote(f"label=dev.ephemera.run-id={check_run_id(instance.run_id)}")
             containers = (f"if command -v docker >/dev/null 2>&1; then docker ps -aq --filter {run_label} "
                           "| xargs -r docker rm -f >/dev/null 2>&1; fi; ")

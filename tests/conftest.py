@@ -38,7 +38,7 @@ pytest_plugins = [
 def _isolated_settings(tmp_path, monkeypatch, tmp_path_factory):
     """Every test gets its own state/data dirs; the cache dir (CPU env, tiny model,
     images) stays shared because building it is slow and it is safe to share."""
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     monkeypatch.setenv("EPHEMERA_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("EPHEMERA_DATA_DIR", str(tmp_path / "data"))

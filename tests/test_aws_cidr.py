@@ -61,7 +61,7 @@ def test_not_a_cidr_is_refused(value):
 
 @pytest.mark.timeout(120)
 def test_launch_refuses_a_wide_setting_and_creates_nothing(contract_aws, monkeypatch):
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     monkeypatch.setenv("EPHEMERA_AWS_SSH_CIDR", "198.51.0.0/16")
     reset_settings()

@@ -25,7 +25,7 @@ def fresh_provider():
     """A provider with nothing in memory, as in a later `ephemera down` or `reap`."""
     from ephemera_providers.aws import AWSProvider
 
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     reset_settings()
     return AWSProvider(retry_base_seconds=0.01, retry_max_seconds=0.05)
@@ -65,7 +65,7 @@ def test_region_is_recorded_before_run_instances(contract_aws, tmp_path):
 def test_a_later_process_finds_and_tears_down_a_launch_that_died(contract_aws):
     """SIGKILL right after RunInstances in a region the settings do not name: the state
     file has no instance, yet `down` must find and end it there."""
-    from ephemera.teardown import teardown_run
+    from ephemera.lifecycle.teardown import teardown_run
 
     aws = contract_aws
 

@@ -63,7 +63,7 @@ def test_not_found_right_after_launch_is_not_gone(contract_aws):
 
 
 def test_teardown_waits_through_not_found_until_terminated(contract_aws):
-    from ephemera.teardown import teardown_run
+    from ephemera.lifecycle.teardown import teardown_run
 
     aws = contract_aws
     inst = aws.provider.launch(aws.make_spec("run-nf2"))
@@ -97,7 +97,7 @@ def test_instance_without_a_public_address_fails_fast(contract_aws, monkeypatch)
     reason, instead of "running, no address yet" until the boot timeout."""
     from ephemera_providers.aws import AWSProvider
 
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     monkeypatch.delenv("EPHEMERA_AWS_SSH_HOST_OVERRIDE")
     reset_settings()

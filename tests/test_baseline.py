@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 from click.testing import CliRunner
 
-from ephemera import history
 from ephemera.cli import cli
-from ephemera.gates import load_baseline
-from ephemera.history import GateRow, RunRecord, record_judgement, record_run
+from ephemera.results import history
+from ephemera.results.gates import load_baseline
+from ephemera.results.history import GateRow, RunRecord, record_judgement, record_run
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -63,7 +63,7 @@ def test_a_version_2_history_is_migrated_and_its_rows_stay_readable(tmp_path):
 def test_results_and_baseline_commands(tmp_path, monkeypatch):
     db = tmp_path / "h.sqlite3"
     monkeypatch.setenv("EPHEMERA_HISTORY_DB", str(db))
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     reset_settings()
     for i in range(3):

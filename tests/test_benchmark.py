@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from ephemera.benchmark import (
+from ephemera.results.benchmark import (
     BenchmarkError,
     bench_arguments,
     bench_command,
@@ -16,7 +16,7 @@ from ephemera.benchmark import (
     read_result,
     server_model,
 )
-from ephemera.job import BenchmarkSpec
+from ephemera.spec.job import BenchmarkSpec
 
 VLLM_RESULT = {
     "duration": 0.4, "completed": 20, "failed": 0, "num_prompts": 20,

@@ -14,7 +14,9 @@ from ephemera_providers.local import (
     parse_nvidia_smi,
 )
 
-from ephemera.catalog import (
+from ephemera.errors import ConfigError
+from ephemera.provider import Offer, OfferRequest
+from ephemera.sizing.catalog import (
     BUILTIN_AWS_SOURCE,
     builtin_aws_catalog,
     builtin_aws_offers,
@@ -25,15 +27,13 @@ from ephemera.catalog import (
     save_cached_offers,
     usable_gib,
 )
-from ephemera.errors import ConfigError
-from ephemera.provider import Offer, OfferRequest
 
 HEADER = "provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour\n"
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
     reset_settings()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ephemera.compare import (
+from ephemera.results.compare import (
     Side,
     bootstrap_ratio_ci,
     compare_sides,
@@ -20,8 +20,8 @@ from ephemera.compare import (
     request_latencies,
     text_lines,
 )
-from ephemera.job import CompareSpec
-from ephemera.results import Case, Counts
+from ephemera.results.junit import Case, Counts
+from ephemera.spec.job import CompareSpec
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
@@ -131,8 +131,8 @@ def write_run(root: Path, run_id: str, outcomes: dict[str, bool], latencies: lis
 
 def test_compare_command_on_past_runs(tmp_path, monkeypatch):
     from ephemera.cli import cli
-    from ephemera.history import RunRecord, record_run
-    from ephemera.settings import get_settings
+    from ephemera.results.history import RunRecord, record_run
+    from ephemera.spec.settings import get_settings
 
     root = get_settings().artifacts_dir
     write_run(root, "job-a-1", {"t1": True, "t2": True, "t3": True}, [10.0, 11.0, 12.0, 13.0])
@@ -170,7 +170,7 @@ def test_compare_command_names_an_unknown_run():
 
 
 def test_the_markdown_report_for_a_step_summary():
-    from ephemera.compare import markdown
+    from ephemera.results.compare import markdown
 
     spec = CompareSpec(gates={"e2e_p90_ratio_max": 1.1})
     text = markdown(compare_sides([side("a", 2, 0, 100.0), side("b", 2, 0, 150.0)], spec, "same-machine"))

@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ephemera.cost import (
+from ephemera.errors import ConfigError
+from ephemera.results.cost import (
     GAP_ROW,
     PADDING_ROW,
     CIContext,
@@ -18,7 +19,6 @@ from ephemera.cost import (
     min_billed_seconds_for,
     write_cost_files,
 )
-from ephemera.errors import ConfigError
 
 T0 = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 PRICE = 1.006  # g5.xlarge on-demand, us-east-1 (reference catalog)
@@ -225,7 +225,7 @@ def _instance(data):
 
 
 def test_billed_terms_prefer_what_was_launched():
-    from ephemera.cost import billed_terms
+    from ephemera.results.cost import billed_terms
 
     offer = _offer()
     assert billed_terms(offer, None) == {
@@ -253,8 +253,8 @@ def test_cost_report_bills_the_launched_machine(tmp_path):
 
     from ephemera_providers.aws import AWSProvider
 
-    from ephemera.controller import RunResult
-    from ephemera.reporting import write_reports
+    from ephemera.lifecycle.controller import RunResult
+    from ephemera.results.reporting import write_reports
 
     warnings = []
     instance = _instance({"market": "on-demand", "region": "us-west-2", "price_per_hour": "3.6",

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ephemera import cpu_image as cpu_image_mod
+from ephemera.builtins import cpu_image as cpu_image_mod
 from ephemera.provider import InstanceState, LaunchSpec, Offer, make_labels
 from tests.fixtures.common import free_port
 

@@ -4,7 +4,7 @@ an unprivileged user, aws on moto). After each case ``ephemera down --all`` must
 nothing: no process, container, run directory, instance, security group, key pair or
 key file.
 
-The step is chosen by EPHEMERA_FAULT (ephemera/faults.py), not by sleeping and
+The step is chosen by EPHEMERA_FAULT (ephemera/lifecycle/faults.py), not by sleeping and
 hoping. vLLM itself is not the point here, so the server is a small real stand-in
 that answers /health at once (tests/standin); a case takes seconds.
 """
@@ -86,11 +86,11 @@ def test_each_call_and_state_write_failing_once_leaves_nothing(request, target_n
 
 def test_fault_points_are_named_in_the_module():
     """Every point the tests use is documented where a reader looks for it."""
-    from ephemera import faults
+    from ephemera.lifecycle import faults
 
     doc = faults.__doc__ or ""
     for point in {*KILL_POINTS, *RAISE_POINTS}:
-        assert point in doc, f"{point} is not documented in ephemera/faults.py"
+        assert point in doc, f"{point} is not documented in ephemera/lifecycle/faults.py"
 
 
 @pytest.mark.timeout(300)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from ephemera_providers.local import LocalRemote
 
-from ephemera.ssh import Target
-from ephemera.ssh_remote import SSHRemote
+from ephemera.transport.ssh import Target
+from ephemera.transport.ssh_remote import SSHRemote
 
 BUSY = "import time\nend = time.monotonic() + float({seconds})\nwhile time.monotonic() < end: pass\n"
 
@@ -48,7 +48,7 @@ def test_the_start_line_names_a_live_group_when_it_returns(tmp_path, busy_cpu):
     """The shell line every channel sends, checked in the same shell the instant it
     returns (the tightest window there is: printing ``$!`` from the parent failed
     this for most of 300 starts)."""
-    from ephemera.remote import detached_command
+    from ephemera.transport.remote import detached_command
 
     line = detached_command("sleep 30", cwd=None, log_file=str(tmp_path / "logs" / "s.log"))
     script = (f'for i in $(seq 300); do pg=$({line}); echo "pg $pg"; '

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ephemera import history
 from ephemera.cli import cli
-from ephemera.cost import PhaseTiming, compute_cost
-from ephemera.history import RunRecord, record_run
+from ephemera.lifecycle.state import RunState, load_state, runs_dir, save_state
 from ephemera.provider import make_labels
-from ephemera.settings import get_settings
-from ephemera.state import RunState, load_state, runs_dir, save_state
+from ephemera.results import history
+from ephemera.results.cost import PhaseTiming, compute_cost
+from ephemera.results.history import RunRecord, record_run
+from ephemera.spec.settings import get_settings
 from tests.fixtures.common import process_alive, wait_process_gone
 
 GONE_OWNER = {"pid": os.getpid(), "pid_start": "another-boot:1"}   # a process that ended
@@ -149,7 +149,7 @@ def test_down_all_tears_down_an_expired_run_even_if_its_ephemera_lives(contract_
 
 
 def test_a_recycled_pid_is_not_a_live_owner():
-    from ephemera.state import owner_alive, process_start
+    from ephemera.lifecycle.state import owner_alive, process_start
 
     expires = datetime.now(UTC) + timedelta(minutes=5)
     raw = RunState(run_id="r", job="j", provider="local", labels={}, expires_at=expires)

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from ephemera.errors import ConfigError, TransientError
-from ephemera.estimate import GIB, analyse, estimate, estimate_shape, valid_tensor_parallel_sizes
-from ephemera.modelconfig import (
+from ephemera.sizing.estimate import (
+    GIB,
+    analyse,
+    estimate,
+    estimate_shape,
+    valid_tensor_parallel_sizes,
+)
+from ephemera.sizing.modelconfig import (
     TINY_MODEL_ID,
     ModelInfo,
     load_model,
@@ -205,7 +211,7 @@ def test_implausible_config_sizes_are_errors_naming_the_field(tmp_path, change, 
 
 
 def test_every_reference_config_passes_the_checks(tmp_path):
-    from ephemera.modelconfig import TINY_MODEL_CONFIG, check_config
+    from ephemera.sizing.modelconfig import TINY_MODEL_CONFIG, check_config
 
     for config in [TINY_MODEL_CONFIG, LLAMA_70B, QWEN25_72B, QWEN3_32B, MIXTRAL, GEMMA_7B,
                    *(json.loads((d / "config.json").read_text()) for d in REF.iterdir() if d.is_dir())]:
@@ -241,7 +247,7 @@ def test_non_utf8_and_oversized_configs_are_config_errors(tmp_path):
 
 def test_model_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     reset_settings()
     assert resolve_model_dir(TINY_MODEL_ID) == tmp_path / "cache" / "models" / "tiny-llama"
@@ -271,7 +277,7 @@ def test_hub_unreachable_is_a_transient_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     reset_settings()
     with pytest.raises(TransientError, match="not cached"):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from ephemera.estimate import GIB, estimate
-from ephemera.model_shape import HYBRID_KV_SINCE
-from ephemera.modelconfig import ModelInfo
+from ephemera.sizing.estimate import GIB, estimate
+from ephemera.sizing.model_shape import HYBRID_KV_SINCE
+from ephemera.sizing.modelconfig import ModelInfo
 from tests.model_configs import (
     DEEPSEEK_V2_LITE,
     DEEPSEEK_V3,

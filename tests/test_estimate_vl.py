@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from ephemera.errors import NoFittingOfferError
-from ephemera.estimate import GIB, analyse, estimate
-from ephemera.job import Job
-from ephemera.modelconfig import TINY_VL_MODEL_CONFIG, ModelInfo, check_config
-from ephemera.plan import make_plan
+from ephemera.lifecycle.server import build_server_command
 from ephemera.provider import Offer
-from ephemera.server import build_server_command
+from ephemera.sizing.estimate import GIB, analyse, estimate
+from ephemera.sizing.modelconfig import TINY_VL_MODEL_CONFIG, ModelInfo, check_config
+from ephemera.sizing.plan import make_plan
+from ephemera.spec.job import Job
 from tests.model_configs import (
     GEMMA3_27B,
     MISTRAL_SMALL_31,
@@ -175,7 +175,7 @@ def test_an_unknown_vision_family_is_approximated_and_says_so():
 ])
 def test_unusable_vision_fields_are_config_errors(tmp_path, vision, named):
     from ephemera.errors import ConfigError
-    from ephemera.modelconfig import load_model
+    from ephemera.sizing.modelconfig import load_model
 
     with pytest.raises(ConfigError, match=named):
         estimate(load_model(write_model(tmp_path, "bad", {**QWEN3_VL_8B, "vision_config": vision})))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.benchmark import BenchmarkResult
 from ephemera.errors import ConfigError
-from ephemera.gates import Baseline, evaluate, run_origin, verdict
-from ephemera.job import GatesSpec
-from ephemera.jobfile import load_job
-from ephemera.results import read_results
+from ephemera.results.benchmark import BenchmarkResult
+from ephemera.results.gates import Baseline, evaluate, run_origin, verdict
+from ephemera.results.junit import read_results
+from ephemera.spec.job import GatesSpec
+from ephemera.spec.jobfile import load_job
 from tests.test_results import PYTEST_XUNIT1, write
 
 GATES = {"pass_rate_by": {"group": "property:category",
@@ -36,7 +36,7 @@ def test_a_category_below_its_bound_fails_naming_it_and_both_figures(tmp_path):
 
 
 def verdict_of(outcomes, status, gates=None):
-    from ephemera.gates import Judgement
+    from ephemera.results.gates import Judgement
 
     judgement = Judgement(results=gates[1] if gates else None, benchmark=None, gates=outcomes,
                           baseline=None, branch="", commit="", group_by=None)
@@ -149,7 +149,7 @@ def test_origin_from_github_variables_and_from_git(tmp_path):
 
 
 def test_the_example_job_without_results_fails_saying_why(tmp_path):
-    from ephemera.gates import judge
+    from ephemera.results.gates import judge
 
     loaded = load_job(Path(__file__).resolve().parent.parent / "jobs" / "retail-cpu-gates.yaml")
     artifacts = tmp_path / "run"

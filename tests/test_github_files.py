@@ -156,8 +156,8 @@ def test_result_step_sets_outputs(tmp_path, result, outcome, expected):
 def test_workflow_job_file_loads_with_the_strict_schema_for_every_tier(monkeypatch):
     """The job the GPU workflow runs: the raw YAML (HF_TOKEN expanded) passes Job, and
     each tier of the ladder merges into a valid job that does what its name says."""
-    from ephemera.job import Job
-    from ephemera.jobfile import deep_merge, load_job
+    from ephemera.spec.job import Job
+    from ephemera.spec.jobfile import deep_merge, load_job
 
     path = ROOT / "jobs" / "qwen3-4b-aws.yaml"
     assert "jobs/qwen3-4b-aws.yaml" in (ROOT / ".github" / "workflows" / "gpu-tests.yml").read_text()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ephemera import history
 from ephemera.cli import cli
-from ephemera.cost import CIContext, PhaseTiming, compute_cost, write_cost_files
 from ephemera.errors import ConfigError
-from ephemera.history import RunRecord, import_cost_files, record_run, summarize
+from ephemera.results import history
+from ephemera.results.cost import CIContext, PhaseTiming, compute_cost, write_cost_files
+from ephemera.results.history import RunRecord, import_cost_files, record_run, summarize
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 JOBS = ("qwen3-4b", "llama-8b", "mistral-7b")

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.hostkeys import (
+from ephemera.provider import InstanceState
+from ephemera.spec.settings import reset_settings
+from ephemera.transport.hostkeys import (
     HostKeyChangedError,
     HostKeyUnknownError,
     accepted_entries,
     fingerprint,
     keys_from_console,
 )
-from ephemera.provider import InstanceState
-from ephemera.settings import reset_settings
-from ephemera.ssh import HostKeyPin, Target, connect, generate_keypair
-from ephemera.ssh_remote import SSHRemote
+from ephemera.transport.ssh import HostKeyPin, Target, connect, generate_keypair
+from ephemera.transport.ssh_remote import SSHRemote
 from tests.runlib import ephemera
 
 pytestmark = pytest.mark.timeout(120)

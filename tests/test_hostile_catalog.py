@@ -12,9 +12,9 @@ from ephemera_providers.local import nvidia_offers, parse_nvidia_smi
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ephemera.catalog import COLUMNS, MAX_COMPUTE_CAPABILITY, load_catalog, parse_catalog
 from ephemera.errors import ConfigError
 from ephemera.provider import Offer
+from ephemera.sizing.catalog import COLUMNS, MAX_COMPUTE_CAPABILITY, load_catalog, parse_catalog
 from tests.hostile import bounded
 
 HEADER = ",".join(COLUMNS) + ",spot,compute_capability"

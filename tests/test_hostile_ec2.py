@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from ephemera.errors import EphemeraError, IncompleteSearchError, InfraError
 from ephemera.provider import Instance, InstanceState
-from ephemera.settings import get_settings
+from ephemera.spec.settings import get_settings
 from tests.hostile import bounded
 
 REGION = "us-east-1"

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ephemera.durations import MAX_JOB_SECONDS
-from ephemera.job import Job
-from ephemera.jobfile import JobFileError, load_job
-from ephemera.yaml_reader import MAX_DEPTH, MAX_VALUES
+from ephemera.spec.durations import MAX_JOB_SECONDS
+from ephemera.spec.job import Job
+from ephemera.spec.jobfile import JobFileError, load_job
+from ephemera.spec.yaml_reader import MAX_DEPTH, MAX_VALUES
 from tests.hostile import MB, bounded, run_measured
 
 BASE_TEXT = """\

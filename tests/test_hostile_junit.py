@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ephemera.summary import JUnitTotals, junit_in, parse_junit_file
+from ephemera.results.summary import JUnitTotals, junit_in, parse_junit_file
 from tests.hostile import MB, bounded
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="ephemera-hostile-junit-"))

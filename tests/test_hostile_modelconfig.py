@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ephemera.errors import ConfigError
-from ephemera.estimate import Estimate, estimate
-from ephemera.modelconfig import load_model
+from ephemera.sizing.estimate import Estimate, estimate
+from ephemera.sizing.modelconfig import load_model
 from tests.hostile import bounded
 
 REF = Path(__file__).parent / "data" / "reference-models"

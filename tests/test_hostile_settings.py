@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ephemera.errors import ConfigError
-from ephemera.settings import MAX_GRACE_SECONDS, Settings, get_settings, reset_settings
+from ephemera.spec.settings import MAX_GRACE_SECONDS, Settings, get_settings, reset_settings
 from tests.hostile import bounded
 
 NAMES = sorted(Settings.model_fields)

@@ -24,11 +24,17 @@ from click.testing import CliRunner
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ephemera import history
 from ephemera.cli import cli
 from ephemera.errors import ConfigError, EphemeraError, InfraError
-from ephemera.history import GroupRow, RunRecord, record_run
-from ephemera.state import MAX_STATE_BYTES, RunState, read_state_file, read_states, save_state
+from ephemera.lifecycle.state import (
+    MAX_STATE_BYTES,
+    RunState,
+    read_state_file,
+    read_states,
+    save_state,
+)
+from ephemera.results import history
+from ephemera.results.history import GroupRow, RunRecord, record_run
 from tests.hostile import bounded
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="ephemera-hostile-state-"))
@@ -202,7 +208,7 @@ def test_down_all_never_removes_a_directory_a_state_file_points_at(tmp_path):
     (victim / "keep.txt").write_text("mine")
     raw = _valid()
     raw["instance"]["workdir"] = raw["instance"]["data"]["workdir"] = str(victim)
-    from ephemera.settings import get_settings
+    from ephemera.spec.settings import get_settings
 
     runs = get_settings().state_dir / "runs"
     runs.mkdir(parents=True)
@@ -218,7 +224,7 @@ def test_down_all_never_removes_a_directory_a_state_file_points_at(tmp_path):
 
 @given(st.lists(JSON, min_size=1, max_size=4))
 def test_down_all_over_hostile_files_finishes_with_a_verdict(documents):
-    from ephemera.settings import get_settings
+    from ephemera.spec.settings import get_settings
 
     runs = get_settings().state_dir / "runs"
     runs.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.durations import format_duration, parse_duration
 from ephemera.errors import ConfigError
-from ephemera.jobfile import JobFileError, deep_merge, load_job
+from ephemera.spec.durations import format_duration, parse_duration
+from ephemera.spec.jobfile import JobFileError, deep_merge, load_job
 
 BASE = """\
 name: smoke
@@ -131,7 +131,7 @@ def test_durations_in_a_job_are_bounded(tmp_path: Path, field, value, message):
 
 
 def test_job_durations_keep_milliseconds_when_written_back():
-    from ephemera.durations import format_job_duration, parse_job_duration
+    from ephemera.spec.durations import format_job_duration, parse_job_duration
 
     for seconds in (0.001, 0.5, 1.25, 59.999, 90.5, 3600.001, 7200, 604800):
         assert parse_job_duration(format_job_duration(seconds)) == seconds
@@ -160,7 +160,7 @@ def test_too_many_tiers_is_one_error_at_the_tiers_key(tmp_path: Path):
 
 
 def test_alias_expansion_is_counted(tmp_path: Path):
-    from ephemera.yaml_reader import MAX_VALUES
+    from ephemera.spec.yaml_reader import MAX_VALUES
 
     # 12 x 1,000 = 12,000 values once *big is expanded twelve times; 1,012 as written.
     text = (BASE + "x: &big [" + ", ".join(["1"] * 1000) + "]\n"
@@ -184,7 +184,7 @@ def test_a_recursive_alias_is_refused(tmp_path: Path):
 
 
 def test_deep_nesting_is_refused_with_line_and_field(tmp_path: Path):
-    from ephemera.yaml_reader import MAX_DEPTH
+    from ephemera.spec.yaml_reader import MAX_DEPTH
 
     ok = BASE + "resources:\n  options:\n    a: " + "[" * (MAX_DEPTH - 3) + "]" * (MAX_DEPTH - 3) + "\n"
     assert load_job(write(tmp_path, ok), check_provider=False)
@@ -215,7 +215,7 @@ def test_unusable_paths_in_suite_files_are_errors(tmp_path: Path):
 
 
 def test_many_problems_are_listed_in_full_but_printed_in_part(tmp_path: Path):
-    from ephemera.yaml_reader import MAX_SHOWN_PROBLEMS
+    from ephemera.spec.yaml_reader import MAX_SHOWN_PROBLEMS
 
     text = BASE + "".join(f"unknown{i}: 1\n" for i in range(80))
     with pytest.raises(JobFileError) as info:
@@ -389,7 +389,7 @@ def test_unknown_provider_is_not_checked_when_asked(tmp_path: Path):
 # ---------------------------------------------------------------------------- settings
 
 def test_settings_from_environment(monkeypatch):
-    from ephemera.settings import get_settings, reset_settings
+    from ephemera.spec.settings import get_settings, reset_settings
 
     monkeypatch.setenv("EPHEMERA_DEFAULT_PROVIDER", "docker")
     monkeypatch.setenv("EPHEMERA_SSH_PORT", "2222")
@@ -403,7 +403,7 @@ def test_settings_from_environment(monkeypatch):
 
 
 def test_settings_from_toml_file_with_environment_winning(tmp_path: Path, monkeypatch):
-    from ephemera.settings import get_settings, reset_settings
+    from ephemera.spec.settings import get_settings, reset_settings
 
     config = tmp_path / "config.toml"
     config.write_text('default_provider = "aws"\naws_region = "us-west-2"\nssh_port = 2200\n'
@@ -430,7 +430,7 @@ def test_settings_from_toml_file_with_environment_winning(tmp_path: Path, monkey
     ("", {"EPHEMERA_SSH_PORT": "x"}, "EPHEMERA_SSH_PORT"),
 ])
 def test_bad_settings_are_a_config_error_naming_the_setting(tmp_path: Path, monkeypatch, content, env, named):
-    from ephemera.settings import get_settings, reset_settings
+    from ephemera.spec.settings import get_settings, reset_settings
 
     config = tmp_path / "config.toml"
     config.write_text(content)

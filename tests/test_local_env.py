@@ -11,7 +11,7 @@ import pytest
 from ephemera_providers.local import LocalRemote
 
 from ephemera.errors import ConfigError
-from ephemera.settings import get_settings, reset_settings
+from ephemera.spec.settings import get_settings, reset_settings
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "aws-canary-5f2d9c",

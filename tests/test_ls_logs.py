@@ -104,8 +104,8 @@ def test_ls_puts_live_runs_first_and_marks_orphans(tmp_path):
     process is gone says so; history rows follow; a damaged state file is a warning."""
     import os
 
-    from ephemera.history import RunRecord, record_run
-    from ephemera.state import RunState, save_state
+    from ephemera.lifecycle.state import RunState, save_state
+    from ephemera.results.history import RunRecord, record_run
 
     state_dir, data = tmp_path / "state", tmp_path / "data"
     env = run_env(EPHEMERA_STATE_DIR=str(state_dir), EPHEMERA_DATA_DIR=str(data))
@@ -125,7 +125,7 @@ def test_ls_puts_live_runs_first_and_marks_orphans(tmp_path):
                          cost_usd=0.25, phases={}), path=data / "history.sqlite3")
     assert os.getpid() == mine.pid
     from ephemera.cli.ls import history_rows, state_rows
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     os.environ.update({"EPHEMERA_STATE_DIR": str(state_dir), "EPHEMERA_DATA_DIR": str(data)})
     reset_settings()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.catalog import builtin_aws_catalog
 from ephemera.errors import NoFittingOfferError
-from ephemera.job import Job
-from ephemera.plan import DISK_FLOOR_GIB, DISK_SLACK_GIB, IMAGE_DISK_GIB, make_plan
 from ephemera.provider import Offer
+from ephemera.sizing.catalog import builtin_aws_catalog
+from ephemera.sizing.plan import DISK_FLOOR_GIB, DISK_SLACK_GIB, IMAGE_DISK_GIB, make_plan
+from ephemera.spec.job import Job
 
 REF = Path(__file__).parent / "data" / "reference-models"
 HEADER = "provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour\n"
@@ -267,8 +267,8 @@ def test_fp8_needs_8_0_and_runs_weight_only_below_8_9(tmp_path):
     fp8_dir = with_quantization(tmp_path, {"quant_method": "fp8", "activation_scheme": "dynamic"})
     from_checkpoint = make_plan(job(fp8_dir, precision="fp8"), GPUS)
     assert from_checkpoint.offer is A10G and "FP8 Marlin" in from_checkpoint.notes[0]
-    from ephemera.estimate import analyse
-    from ephemera.modelconfig import load_model
+    from ephemera.sizing.estimate import analyse
+    from ephemera.sizing.modelconfig import load_model
 
     shape = analyse(load_model(fp8_dir), precision="fp8")
     assert "FP8 Marlin" in make_plan(job(fp8_dir, precision="fp8"), GPUS, shape=shape).notes[0]
@@ -367,7 +367,7 @@ def rejected_by_offer(doc: dict) -> dict[tuple[str, bool], str]:
 
 
 def test_tiers_test_job_is_the_example_job_with_local_models():
-    from ephemera.jobfile import load_job
+    from ephemera.spec.jobfile import load_job
 
     env = {"HF_TOKEN": "hf_test"}
     for tier in ("smoke", "full", "release"):

@@ -281,7 +281,7 @@ def test_poll_ready_then_terminate_verified(aws, aws_env):
 def test_private_address_behind_bastion(aws, monkeypatch):
     from ephemera_providers.aws import AWSProvider
 
-    from ephemera.settings import reset_settings
+    from ephemera.spec.settings import reset_settings
 
     monkeypatch.delenv("EPHEMERA_AWS_SSH_HOST_OVERRIDE")
     monkeypatch.setenv("EPHEMERA_AWS_USE_PRIVATE_IP", "true")
@@ -306,7 +306,7 @@ def _launch_for(aws, run_id, owner, expires):
 
 
 def _reap(**kwargs):
-    from ephemera.reaper import reap
+    from ephemera.lifecycle.reaper import reap
 
     return reap(["aws"], now=datetime.now(UTC), log=lambda m: None, **kwargs)
 
@@ -394,9 +394,9 @@ def test_catalog_refresh_aws(aws, monkeypatch, tmp_path):
     from click.testing import CliRunner
     from ephemera_providers import aws_prices
 
-    from ephemera.catalog import builtin_aws_catalog, load_cached_offers
     from ephemera.cli import cli
-    from ephemera.settings import reset_settings
+    from ephemera.sizing.catalog import builtin_aws_catalog, load_cached_offers
+    from ephemera.spec.settings import reset_settings
 
     # The refreshed cache goes to this test's own cache dir, never the user's.
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))

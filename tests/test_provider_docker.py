@@ -271,8 +271,8 @@ def test_dead_man_switch_survives_a_killed_ephemera(contract_docker, docker_engi
 def test_exec_over_ssh_option(contract_docker, tmp_path, network):
     """exec: ssh starts the image's sshd with the run's key; commands and copies then go
     over SSH (host key pinned from the container), on both network kinds."""
-    from ephemera.ssh import generate_keypair
-    from ephemera.ssh_remote import SSHRemote
+    from ephemera.transport.ssh import generate_keypair
+    from ephemera.transport.ssh_remote import SSHRemote
 
     key_path, public = generate_keypair(tmp_path / "keys")
     provider = contract_docker.provider
@@ -308,7 +308,7 @@ def test_exec_over_ssh_option(contract_docker, tmp_path, network):
 def test_exec_over_ssh_makes_its_own_key_when_none_is_given(contract_docker, tmp_path):
     """A job with exec: ssh run by a controller that made no key still gets a working
     SSH channel: the provider makes a key for the run beside its state."""
-    from ephemera.settings import get_settings
+    from ephemera.spec.settings import get_settings
 
     spec = contract_docker.make_spec(_run_id())
     spec = type(spec)(**{**spec.__dict__, "options": {"docker": {"exec": "ssh", "network": "host"}}})
@@ -364,7 +364,7 @@ def test_reap_command_removes_a_container_whose_label_has_expired(contract_docke
 @pytest.mark.timeout(60)
 def test_unbuilt_builtin_image_says_how_to_build_it(contract_docker, monkeypatch):
     """The built-in image is never pulled: a missing tag names it and the command."""
-    from ephemera import cpu_image
+    from ephemera.builtins import cpu_image
 
     monkeypatch.setattr(cpu_image, "image_tag", lambda: "000000notbuilt")
     spec = contract_docker.make_spec(_run_id())

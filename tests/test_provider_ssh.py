@@ -14,7 +14,7 @@ from ephemera_providers.ssh import SSHProvider
 
 from ephemera.errors import ConfigError
 from ephemera.provider import Instance, InstanceState, OfferRequest
-from ephemera.ssh import HostKeyChangedError
+from ephemera.transport.ssh import HostKeyChangedError
 from tests.fixtures.common import process_alive, wait_process_gone
 
 pytestmark = pytest.mark.sshd
@@ -97,7 +97,7 @@ def test_launch_exec_copy_terminate_touches_nothing_else(contract_ssh, sshd, tmp
 
 @pytest.mark.timeout(60)
 def test_changed_host_key_is_refused(contract_ssh, tmp_path):
-    from ephemera.ssh import generate_keypair
+    from ephemera.transport.ssh import generate_keypair
 
     provider = contract_ssh.provider
     instance = provider.launch(contract_ssh.make_spec("ssh-pin-1"))
@@ -156,8 +156,8 @@ def test_root_owned_leftovers_end_the_teardown_once(docker_login_user, caplog):
     import logging
     import shutil
 
+    from ephemera.lifecycle.teardown import teardown_run
     from ephemera.provider import LaunchSpec, Offer, make_labels
-    from ephemera.teardown import teardown_run
 
     login = docker_login_user.server
     workroot = docker_login_user.workroot("leftover")

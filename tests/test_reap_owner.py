@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from ephemera.cli import cli
 from ephemera.provider import make_labels
-from ephemera.settings import reset_settings
+from ephemera.spec.settings import reset_settings
 from tests.fixtures.common import process_alive, wait_process_gone
 
 pytestmark = pytest.mark.timeout(120)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ephemera.results import (
+from ephemera.results.junit import (
     Case,
     check_grouping,
     group_counts,
@@ -121,7 +121,7 @@ def test_results_to_dict_has_groups(tmp_path):
 
 
 def test_step_summary_carries_the_runs_results_md(tmp_path):
-    from ephemera.summary import step_summary_markdown
+    from ephemera.results.summary import step_summary_markdown
 
     write(tmp_path / "results.md", "#### Results\n\n| property:category | passed |\n")
     text = step_summary_markdown(run_id="r", job="j", status="failed", exit_code=1,

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.vllm]
 
 @pytest.fixture(scope="module")
 def tiny_vl_model(cpu_env_python) -> Path:
-    from ephemera.tiny_model import ensure_tiny_vl_model
+    from ephemera.builtins.tiny_model import ensure_tiny_vl_model
 
     return ensure_tiny_vl_model(print)
 

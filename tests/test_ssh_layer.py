@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from ephemera.errors import AuthError, TransientError
-from ephemera.ssh import (
+from ephemera.transport.ssh import (
     HostKeyChangedError,
     HostKeyPin,
     Target,
     connect,
     generate_keypair,
 )
-from ephemera.ssh_remote import SSHRemote
+from ephemera.transport.ssh_remote import SSHRemote
 from tests.fixtures.common import free_port
 
 pytestmark = pytest.mark.sshd

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.cost import CIContext, PhaseTiming, compute_cost
-from ephemera.summary import (
+from ephemera.results.cost import CIContext, PhaseTiming, compute_cost
+from ephemera.results.summary import (
     append_step_summary,
     junit_in,
     parse_junit,
@@ -142,7 +142,7 @@ def test_summary_through_the_real_environment_in_a_child_process(tmp_path):
     """The default environ is the process's own: a child with GITHUB_STEP_SUMMARY set
     (as the runner sets it) writes there."""
     target = tmp_path / "step-summary.md"
-    code = ("from ephemera.summary import append_step_summary, step_summary_markdown;"
+    code = ("from ephemera.results.summary import append_step_summary, step_summary_markdown;"
             "append_step_summary(step_summary_markdown(run_id='r', job='j', status='passed', exit_code=0))")
     env = {"GITHUB_STEP_SUMMARY": str(target), "PATH": "/usr/bin:/bin", **GITHUB_ENV}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=50)
@@ -153,9 +153,9 @@ def test_summary_through_the_real_environment_in_a_child_process(tmp_path):
 
 def test_cost_files_history_row_and_summary_agree(tmp_path):
     """What the run's report stage writes, from one report: the three must agree."""
-    from ephemera import history
-    from ephemera.cost import CostReport, write_cost_files
-    from ephemera.history import RunRecord, record_run
+    from ephemera.results import history
+    from ephemera.results.cost import CostReport, write_cost_files
+    from ephemera.results.history import RunRecord, record_run
 
     final = report().with_outcome("failed", 1)
     artifacts = tmp_path / "runs" / "r-42"

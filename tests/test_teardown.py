@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from ephemera_providers.local import LocalProvider
 
-from ephemera import state as state_module
 from ephemera.cli import cli
+from ephemera.lifecycle import state as state_module
+from ephemera.lifecycle.state import RunState, load_state, save_state
+from ephemera.lifecycle.teardown import teardown_run
 from ephemera.provider import make_labels
-from ephemera.state import RunState, load_state, save_state
-from ephemera.teardown import teardown_run
 from tests.fixtures.common import process_alive, wait_process_gone
 
 
@@ -174,7 +174,7 @@ def test_several_targets_end_in_parallel(contract_local):
 def test_reap_acts_on_what_an_incomplete_search_found_and_says_it_was_incomplete(contract_local,
                                                                                   monkeypatch):
     from ephemera import registry
-    from ephemera.reaper import reap
+    from ephemera.lifecycle.reaper import reap
 
     provider = _SearchFails(first=True, later=True)
     instance = provider.launch(contract_local.make_spec("td-reap-1", expires_in_seconds=1))

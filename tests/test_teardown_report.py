@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from ephemera import history
-from ephemera.controller import PhaseRecord, Run
-from ephemera.jobfile import load_job
+from ephemera.lifecycle.controller import PhaseRecord, Run
+from ephemera.lifecycle.teardown import TeardownResult
 from ephemera.progress import Reporter
 from ephemera.provider import Instance, InstanceState
-from ephemera.reporting import write_reports
-from ephemera.settings import get_settings
-from ephemera.teardown import TeardownResult
+from ephemera.results import history
+from ephemera.results.reporting import write_reports
+from ephemera.spec.jobfile import load_job
+from ephemera.spec.settings import get_settings
 
 JOB = Path(__file__).resolve().parent.parent / "jobs" / "local-cpu-smoke.yaml"
 PRICE = 36.0   # $/h: 1 cent a second

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ephemera import cpu_env
-from ephemera import tiny_model as tiny_model_mod
+from ephemera.builtins import cpu_env
+from ephemera.builtins import tiny_model as tiny_model_mod
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -133,8 +133,8 @@ def test_tiny_vision_model_files_processor_and_cache(cpu_env_python, tmp_path):
     the estimate's built-in shape matches the saved config."""
     import sys
 
-    from ephemera.estimate import analyse
-    from ephemera.modelconfig import load_model
+    from ephemera.sizing.estimate import analyse
+    from ephemera.sizing.modelconfig import load_model
 
     done = subprocess.run([sys.executable, "-m", "ephemera", "model", "tiny", "--vision", "--out",
                            str(tmp_path / "vl"), "--json"], capture_output=True, text=True, timeout=300)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ephemera.errors import ConfigError
-from ephemera.jobfile import JobFileError, load_job
-from ephemera.variants import Outcome, exit_code, load_variants, plan_placement
+from ephemera.lifecycle.variants import Outcome, exit_code, load_variants, plan_placement
+from ephemera.spec.jobfile import JobFileError, load_job
 
 REF = Path(__file__).parent / "data" / "reference-models"
 SMALL = str(REF / "Qwen3-4B-Instruct-2507")

@@ -29,7 +29,7 @@ BENCH = {"requests": 16, "concurrency": 4, "input_len": 16, "output_len": 8}
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory, cpu_env_python) -> Path:
     """The tiny Llama's recipe with another seed: the same shapes, other weights."""
-    from ephemera.tiny_model import RECIPES
+    from ephemera.builtins.tiny_model import RECIPES
 
     out = tmp_path_factory.mktemp("models")
     script = out / "make.py"

@@ -13,7 +13,7 @@ def _target(job: str, tier: str | None) -> tuple[str, int | None, str | None]:
     """(job name, runs, ref) from a job file, or the name as given."""
     path = Path(job)
     if path.is_file():
-        from ephemera.jobfile import load_job
+        from ephemera.spec.jobfile import load_job
 
         loaded = load_job(path, tier=tier, check_provider=False)
         spec = loaded.job.gates.baseline
@@ -35,8 +35,8 @@ def command(job: str, tier: str | None, ref: str | None, runs: int | None, as_js
     The baseline of a figure is its median over the last passing runs of the job and
     tier that were recorded from one branch and have benchmark figures.
     """
-    from ephemera.gates import load_baseline, run_origin
-    from ephemera.history import history_path
+    from ephemera.results.gates import load_baseline, run_origin
+    from ephemera.results.history import history_path
 
     name, job_runs, job_ref = _target(job, tier)
     branch = ref if ref is not None else job_ref if job_ref is not None else run_origin(Path.cwd())[0]
@@ -51,7 +51,7 @@ def command(job: str, tier: str | None, ref: str | None, runs: int | None, as_js
         click.echo(f"no baseline for {where}: no passing run with benchmark figures "
                    f"in the history ({history_path()})")
         return
-    from ephemera.benchmark import figure_text
+    from ephemera.results.benchmark import figure_text
 
     click.echo(f"baseline of {where}: median of the last {len(baseline.runs)} passing run(s) "
                f"(of {count} wanted)")

@@ -26,7 +26,7 @@ def show(provider: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([asdict(o) for o in offers], indent=1))
         return
-    from ephemera.catalog import offer_capability
+    from ephemera.sizing.catalog import offer_capability
 
     click.echo(f"{'instance type':<16} {'region':<12} {'GPUs':<14} {'cc':>4} {'$/h':>9}  source")
     for o in sorted(offers, key=lambda o: (o.price_per_hour, o.instance_type)):
@@ -47,8 +47,8 @@ def refresh(provider: str, regions: tuple[str, ...], as_json: bool) -> None:
     """Read live prices (AWS Price List API and spot price history) into the user's cache."""
     from ephemera_providers import aws_prices
 
-    from ephemera.catalog import save_cached_offers
     from ephemera.errors import InfraError
+    from ephemera.sizing.catalog import save_cached_offers
 
     aws = aws_prices.make_provider()
     chosen = list(regions) or aws.find_regions()

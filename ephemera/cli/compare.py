@@ -27,7 +27,7 @@ def find_artifacts(run_id: str, root: Path) -> Path | None:
 
 def _shared_cost(artifacts: Path, run_id: str) -> float | None:
     """A same-machine variant's share of its machine's cost, from the A/B run's compare.json."""
-    from ephemera.compare import COMPARE_JSON
+    from ephemera.results.compare import COMPARE_JSON
 
     try:
         data = json.loads((artifacts.parent / COMPARE_JSON).read_text(encoding="utf-8"))
@@ -40,10 +40,10 @@ def _shared_cost(artifacts: Path, run_id: str) -> float | None:
 
 
 def load_side(run_id: str, group_by: str | None) -> Any:
-    from ephemera import history
-    from ephemera.compare import Side, counts_from_history, side_from_artifacts
     from ephemera.errors import ConfigError
-    from ephemera.settings import get_settings
+    from ephemera.results import history
+    from ephemera.results.compare import Side, counts_from_history, side_from_artifacts
+    from ephemera.spec.settings import get_settings
 
     stored = history.get_judgement(run_id)
     row = history.get_run(run_id)
@@ -72,7 +72,7 @@ def load_side(run_id: str, group_by: str | None) -> Any:
 
 
 def _grouping(run_a: str, run_b: str) -> str | None:
-    from ephemera import history
+    from ephemera.results import history
 
     found = []
     for run_id in (run_a, run_b):
@@ -95,8 +95,8 @@ def command(run_a: str, run_b: str, as_json: bool, seed: int) -> None:
     bootstrap confidence interval of the e2e P90 ratio. Exit codes: 0 shown, 2 a run is
     unknown.
     """
-    from ephemera.compare import compare_sides, text_lines
-    from ephemera.job import CompareSpec
+    from ephemera.results.compare import compare_sides, text_lines
+    from ephemera.spec.job import CompareSpec
 
     group_by = _grouping(run_a, run_b)
     sides = [load_side(run_a, group_by), load_side(run_b, group_by)]

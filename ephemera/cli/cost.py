@@ -16,7 +16,7 @@ _DAYS = re.compile(r"^\s*(\d+(?:\.\d+)?)d(.*)$", re.IGNORECASE)
 def parse_since(value: str) -> float | None:
     """Seconds for ``--since``: the job-file durations (90s, 20m, 1h30m) plus days
     (30d, 1d12h); ``all`` for the whole history."""
-    from ephemera.durations import parse_duration
+    from ephemera.spec.durations import parse_duration
 
     text = value.strip()
     if text.lower() == "all":
@@ -38,7 +38,7 @@ def parse_since(value: str) -> float | None:
 
 def _table(rows: list[dict], by: str) -> str:
     headers = [by, "runs", "passed", "pass rate", "cost", "mean duration"]
-    from ephemera.cost import seconds_text, usd
+    from ephemera.results.cost import seconds_text, usd
 
     body = [[r["key"], str(r["runs"]), str(r["passed"]), f"{100 * r['pass_rate']:.0f}%",
              usd(r["cost_usd"]), seconds_text(r["mean_duration_seconds"])] for r in rows]
@@ -66,7 +66,7 @@ def command(since: str, by: str, as_json: bool, do_import: bool, files: tuple[st
     With --import FILE..., merge cost.json files from CI artifacts into the history
     first (a run already present is kept as it is).
     """
-    from ephemera import history
+    from ephemera.results import history
 
     if files and not do_import:
         raise ConfigError("FILES are only read with --import",
@@ -99,7 +99,7 @@ def command(since: str, by: str, as_json: bool, do_import: bool, files: tuple[st
         click.echo(f"no runs in the history since {since} ({history.history_path()})")
         return
     click.echo(_table(rows, by))
-    from ephemera.cost import usd
+    from ephemera.results.cost import usd
 
     click.echo(f"\ntotal: {total_row['runs']} run(s), {usd(total_row['cost_usd'])}, "
                f"pass rate {100 * total_row['pass_rate']:.0f}% (since {since})")

@@ -18,7 +18,7 @@ def command() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def build_cpu(as_json: bool) -> None:
     """Build the CPU environment (a no-op when it is already there)."""
-    from ephemera import cpu_env
+    from ephemera.builtins import cpu_env
 
     def progress(line: str) -> None:
         click.echo(line, err=True)
@@ -36,7 +36,7 @@ def build_cpu(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def status(as_json: bool) -> None:
     """Say whether the CPU environment is built (without building it)."""
-    from ephemera import cpu_env
+    from ephemera.builtins import cpu_env
 
     ready = cpu_env.is_ready()
     if as_json:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ephemera.settings import Settings
-    from ephemera.state import RunState
-    from ephemera.teardown import TeardownResult
+    from ephemera.lifecycle.state import RunState
+    from ephemera.lifecycle.teardown import TeardownResult
+    from ephemera.spec.settings import Settings
 
 
 @click.command("down")
@@ -33,8 +33,8 @@ def command(run_ids: tuple[str, ...], all_runs: bool, force: bool, as_json: bool
     verified (or a state file could not be read), 2 when a run id is unknown.
     """
     from ephemera.errors import EXIT_BAD_INPUT, EXIT_TEARDOWN_FAILED, ConfigError
-    from ephemera.settings import get_settings
-    from ephemera.state import load_state, read_states
+    from ephemera.lifecycle.state import load_state, read_states
+    from ephemera.spec.settings import get_settings
 
     settings = get_settings()
     if not run_ids and not all_runs:
@@ -93,9 +93,9 @@ def _print(outcomes: list[dict[str, Any]], unknown: list[str], unreadable: list[
 def _down_one(state: RunState, settings: Settings, *, may_skip: bool,
               as_json: bool) -> dict[str, Any]:
     """Tear down one run; never raises (one failing run must not stop the others)."""
+    from ephemera.lifecycle.state import owner_alive
+    from ephemera.lifecycle.teardown import teardown_run
     from ephemera.registry import get_provider
-    from ephemera.state import owner_alive
-    from ephemera.teardown import teardown_run
 
     run_id = state.run_id
     if state.status == "terminated":
@@ -129,7 +129,7 @@ def _down_one(state: RunState, settings: Settings, *, may_skip: bool,
 
 
 def _save_status(settings: Settings, state: RunState, status: str) -> None:
-    from ephemera.state import save_state
+    from ephemera.lifecycle.state import save_state
 
     state.status = status
     save_state(settings.state_dir, state)
@@ -141,8 +141,8 @@ def _record_history(state: RunState, result: TeardownResult, provider: object,
     run that created something but never reported (its process was killed)."""
     from types import SimpleNamespace
 
-    from ephemera.cost import billed_terms, min_billed_seconds_for
-    from ephemera.history import RunRecord, billed_seconds, record_teardown
+    from ephemera.results.cost import billed_terms, min_billed_seconds_for
+    from ephemera.results.history import RunRecord, billed_seconds, record_teardown
 
     instance = state.instance
     if instance is None and not result.terminated:

@@ -31,8 +31,8 @@ def command(model: str, precision: str, max_model_len: int, tensor_parallel_size
     MODEL is a Hugging Face repo id, a local directory holding config.json, or a bare
     size such as 7B (then only the weights are known and the rest is a guess).
     """
-    from ephemera.estimate import estimate
-    from ephemera.modelconfig import load_model
+    from ephemera.sizing.estimate import estimate
+    from ephemera.sizing.modelconfig import load_model
 
     info = load_model(model, revision=revision)
     est = estimate(info, precision=precision, max_model_len=max_model_len,

@@ -20,7 +20,7 @@ def build_cpu(as_json: bool) -> None:
     """Build ephemera/cpu:<recipe hash> (a no-op when it already exists)."""
     import time
 
-    from ephemera.cpu_image import ensure_cpu_image, status
+    from ephemera.builtins.cpu_image import ensure_cpu_image, status
 
     def progress(line: str) -> None:
         click.echo(line, err=True)
@@ -40,7 +40,7 @@ def build_cpu(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def status_cmd(as_json: bool) -> None:
     """Say whether the CPU image, its base and its wheelhouse are built."""
-    from ephemera.cpu_image import status
+    from ephemera.builtins.cpu_image import status
 
     info = status()
     if as_json:

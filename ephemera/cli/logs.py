@@ -70,7 +70,7 @@ class LiveRun:
 
 def _is_live(settings: Any, run_id: str) -> Any:
     """The run's state while its process is still going, else None."""
-    from ephemera.state import ACTIVE, load_state, owner_alive
+    from ephemera.lifecycle.state import ACTIVE, load_state, owner_alive
 
     state = load_state(settings.state_dir, run_id)
     if state is None or state.status not in ACTIVE or not owner_alive(state):
@@ -117,7 +117,7 @@ def log_masker(state: Any) -> Callable[[str], str]:
     if not job_file:
         return here
     try:
-        from ephemera.jobfile import load_job
+        from ephemera.spec.jobfile import load_job
 
         of_job = job_masker(load_job(job_file, tier=state.extra.get("tier") or None))
     except Exception as exc:  # noqa: BLE001 - the logs are still worth showing
@@ -141,8 +141,8 @@ def command(run_id: str, follow: bool, which: str | None) -> None:
     are printed as they come until the run ends.
     """
     from ephemera.errors import ConfigError
-    from ephemera.settings import get_settings
-    from ephemera.state import load_state
+    from ephemera.lifecycle.state import load_state
+    from ephemera.spec.settings import get_settings
 
     which = which or "both"
     settings = get_settings()

@@ -12,7 +12,7 @@ HISTORY_ROWS = 20
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
-    from ephemera.durations import format_duration
+    from ephemera.spec.durations import format_duration
 
     if moment is None:
         return "-"
@@ -22,8 +22,8 @@ def _ago(moment: datetime | None, now: datetime) -> str:
 
 def state_rows(now: datetime) -> tuple[list[dict[str, Any]], list[str]]:
     """A row per state file whose run may still be up; and the unreadable files."""
-    from ephemera.settings import get_settings
-    from ephemera.state import ACTIVE, owner_alive, read_states
+    from ephemera.lifecycle.state import ACTIVE, owner_alive, read_states
+    from ephemera.spec.settings import get_settings
 
     states, problems = read_states(get_settings().state_dir)
     rows = []
@@ -54,7 +54,7 @@ def state_rows(now: datetime) -> tuple[list[dict[str, Any]], list[str]]:
 
 def history_rows(now: datetime, limit: int, skip: set[str]) -> list[dict[str, Any]]:
     """The latest ``limit`` runs of the history, newest first (``skip``: shown already)."""
-    from ephemera.history import _with_retry, history_path
+    from ephemera.results.history import _with_retry, history_path
 
     path = history_path()
     if not path.exists() or limit <= 0:

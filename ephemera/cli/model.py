@@ -23,7 +23,7 @@ def command() -> None:
 def tiny(out: Path | None, vision: bool, as_json: bool) -> None:
     """Write the tiny random Llama, or with --vision its vision-language sibling (a no-op
     when it is already there)."""
-    from ephemera.tiny_model import ensure_tiny_model
+    from ephemera.builtins.tiny_model import ensure_tiny_model
 
     def progress(line: str) -> None:
         click.echo(line, err=True)

@@ -22,9 +22,9 @@ def command(job_file: Path, tier: str | None, catalog: Path | None, provider_nam
     Exits 2 with the table of rejected offers when nothing fits.
     """
     from ephemera.errors import NoFittingOfferError
-    from ephemera.jobfile import load_job
     from ephemera.masking import job_masker, mask_data
-    from ephemera.plan import plan_job
+    from ephemera.sizing.plan import plan_job
+    from ephemera.spec.jobfile import load_job
 
     # With a catalog file, the job may name a provider whose plugin is not installed here.
     loaded = load_job(job_file, tier=tier, check_provider=catalog is None)
@@ -57,7 +57,7 @@ def _print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ephemera.catalog import offer_capability
+    from ephemera.sizing.catalog import offer_capability
 
     console = Console()
     o, e = plan.offer, plan.estimate
@@ -104,7 +104,7 @@ def _print_plan(plan) -> None:
 def _plan_variants(loaded, catalog: Path | None, provider_name: str | None, as_json: bool) -> None:
     """Each variant's machine, where they would run (same machine or in parallel) and
     what each placement costs at most."""
-    from ephemera.variants import load_variants, placement_lines, plan_placement
+    from ephemera.lifecycle.variants import load_variants, placement_lines, plan_placement
 
     variants = load_variants(loaded, check_provider=catalog is None)
     placement = plan_placement(variants, catalog=catalog, provider_name=provider_name)

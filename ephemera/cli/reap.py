@@ -25,7 +25,7 @@ def command(providers: tuple[str, ...], owner: str | None, all_owners: bool, dry
     other owners are counted and left alone.
     """
     from ephemera.errors import EXIT_TEARDOWN_FAILED
-    from ephemera.reaper import reap
+    from ephemera.lifecycle.reaper import reap
 
     owner = _owner(owner, all_owners)
     now = datetime.now(UTC)
@@ -59,6 +59,6 @@ def _owner(owner: str | None, all_owners: bool) -> str | None:
             raise click.BadParameter("is empty; leave it out for your own owner label.",
                                      param_hint="--owner")
         return owner
-    from ephemera.settings import get_settings
+    from ephemera.spec.settings import get_settings
 
     return get_settings().owner

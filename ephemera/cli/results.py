@@ -8,7 +8,7 @@ import click
 
 
 def _table(groups: dict[str, dict[str, int]], name: str) -> str:
-    from ephemera.results import Counts, text_table
+    from ephemera.results.junit import Counts, text_table
 
     rows = []
     for key, counts in groups.items():
@@ -19,7 +19,7 @@ def _table(groups: dict[str, dict[str, int]], name: str) -> str:
 
 
 def render(data: dict) -> list[str]:
-    from ephemera.benchmark import STATS, benchmark_rows, other_rows
+    from ephemera.results.benchmark import STATS, benchmark_rows, other_rows
 
     tier = f" ({data['tier']})" if data.get("tier") else ""
     lines = [f"run {data['run_id']}: job {data.get('job') or '?'}{tier}, "
@@ -32,7 +32,7 @@ def render(data: dict) -> list[str]:
         lines += ["", _table(results[grouping], grouping)]
     metrics = data.get("metrics") or {}
     if metrics:
-        from ephemera.results import text_table
+        from ephemera.results.junit import text_table
 
         lines += ["", text_table(["benchmark", *STATS], benchmark_rows(metrics))]
         lines += [f"{name}: {text}" for name, text in other_rows(metrics)]
@@ -51,8 +51,8 @@ def command(run_id: str, as_json: bool) -> None:
 
     Exit codes: 0 shown, 2 the run is not in the history.
     """
-    from ephemera import history
     from ephemera.errors import ConfigError
+    from ephemera.results import history
 
     data = history.get_judgement(run_id)
     if data is None:

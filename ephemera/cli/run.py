@@ -43,10 +43,10 @@ def command(job_file: str, tier: str | None, provider_name: str | None, catalog:
 def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Path | None,
          dry_run: bool, as_json: bool,
          one: tuple[str | None, str | None, Path | None] = (None, None, None)) -> None:
-    from ephemera.controller import Run
-    from ephemera.jobfile import load_job
+    from ephemera.lifecycle.controller import Run
     from ephemera.progress import Reporter
-    from ephemera.settings import get_settings
+    from ephemera.spec.jobfile import load_job
+    from ephemera.spec.settings import get_settings
 
     settings = get_settings()
     loaded = load_job(job_file, tier=tier, check_provider=provider_name is None)
@@ -56,12 +56,12 @@ def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Pa
         load_provider_class(provider_name)  # unknown/broken plugin: exit 2 before anything
     variant, run_id, artifacts_dir = one
     if loaded.job.variants and variant is None:
-        from ephemera.variants import run_variants
+        from ephemera.lifecycle.variants import run_variants
 
         sys.exit(run_variants(job_file, loaded, tier=tier, provider_name=provider_name,
                               catalog=catalog, dry_run=dry_run, as_json=as_json))
     if variant is not None:
-        from ephemera.variants import one_variant
+        from ephemera.lifecycle.variants import one_variant
 
         loaded = one_variant(loaded, variant, check_provider=provider_name is None)
     reporter = Reporter()

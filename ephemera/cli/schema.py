@@ -14,6 +14,6 @@ def command() -> None:
     Example for VS Code's YAML extension: ephemera schema > job.schema.json and add
     "# yaml-language-server: $schema=job.schema.json" at the top of job files.
     """
-    from ephemera.job import job_json_schema
+    from ephemera.spec.job import job_json_schema
 
     click.echo(json.dumps(job_json_schema(), indent=2))

@@ -17,8 +17,8 @@ def command(job_file: str, tier: str | None, as_json: bool) -> None:
     Prints every problem at once as FILE:LINE:COLUMN: FIELD: MESSAGE and exits 2,
     or prints the merged job and exits 0.
     """
-    from ephemera.jobfile import load_job
     from ephemera.masking import job_masker, mask_data
+    from ephemera.spec.jobfile import load_job
 
     loaded = load_job(job_file, tier=tier)
     # Values taken from the environment (and secret-looking keys) are shown masked.

@@ -35,14 +35,14 @@ from ephemera.provider import (
     PortChoice,
     Runs,
 )
-from ephemera.remote import Remote
+from ephemera.transport.remote import Remote
 
 NAME = "dirhost"
 PRICE_PER_HOUR = 0.5
 
 
 def _root() -> Path:
-    from ephemera.settings import get_settings
+    from ephemera.spec.settings import get_settings
 
     return Path(os.environ.get("DIRHOST_ROOT") or get_settings().state_dir / NAME)
 

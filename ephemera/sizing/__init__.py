@@ -1,0 +1,1 @@
+"""How big a machine a job needs: model configs and shapes, the memory estimate, price catalogs and the plan."""
