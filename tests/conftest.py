@@ -30,6 +30,7 @@ pytest_plugins = [
     "tests.fixtures.moto_server",
     "tests.fixtures.cpu_env",
     "tests.fixtures.standin_targets",
+    "tests.fixtures.slurm",
     "tests.fixtures.plugin",
 ]
 

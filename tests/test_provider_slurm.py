@@ -168,7 +168,7 @@ def test_reap_cancels_expired_jobs_and_nothing_else(provider, slurm_cluster):
     expired = provider.launch(_spec(provider, 1, labels_expire_in=-60, owner=owner))
     live = provider.launch(_spec(provider, 1, owner=owner))
     other = subprocess.run(["sbatch", "--parsable", "--job-name=not-ephemera", "--mem=100M",
-                            "--time=5", "--wrap=sleep 300"], capture_output=True, text=True,
+                            "--time=5", "--output=/dev/null", "--wrap=sleep 300"], capture_output=True, text=True,
                            timeout=30, check=True).stdout.strip()
     try:
         env = {**os.environ, "EPHEMERA_OWNER": owner, "PYTHONPATH": os.getcwd()}

@@ -72,7 +72,8 @@ def test_cpu_job_passes_end_to_end_through_slurm(tmp_path, slurm_cluster, cpu_en
 def test_a_job_pending_past_the_queue_timeout_is_cancelled_and_reported(tmp_path, slurm_cluster):
     # Another job holds both GPUs: ours waits with Slurm's reason "Resources".
     blocker = subprocess.run(["sbatch", "--parsable", "--job-name=blocker", f"--gres=gpu:{slurm_cluster.gpu_type}:2",
-                              "--mem=100M", "--cpus-per-task=1", "--time=5", "--wrap=sleep 300"],
+                              "--mem=100M", "--cpus-per-task=1", "--time=5", "--output=/dev/null",
+                              "--wrap=sleep 300"],
                              capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     try:
         job = _standin_job(tmp_path, "slurm-queue")
