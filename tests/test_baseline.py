@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from click.testing import CliRunner
 
 from ephemera.cli import cli
-from ephemera.results import history
+from ephemera.results import history, judgements
 from ephemera.results.gates import load_baseline
-from ephemera.results.history import GateRow, RunRecord, record_judgement, record_run
+from ephemera.results.history import RunRecord, record_run
+from ephemera.results.judgements import GateRow, record_judgement
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -57,7 +58,7 @@ def test_a_version_2_history_is_migrated_and_its_rows_stay_readable(tmp_path):
     assert row["status"] == "passed" and row["branch"] == ""
     (version,) = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()
     assert version == 3
-    assert history.get_judgement("old-run", path=db)["results"] == {}
+    assert judgements.get_judgement("old-run", path=db)["results"] == {}
 
 
 def test_results_and_baseline_commands(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ BENCH = {"requests": 40, "concurrency": 8, "input_len": 32, "output_len": 16, "w
 
 
 def record_copy(db: Path, run_id: str, branch: str, metrics: dict, minutes_ago: int) -> None:
-    from ephemera.results.history import RunRecord, record_judgement, record_run
+    from ephemera.results.history import RunRecord, record_run
+    from ephemera.results.judgements import record_judgement
 
     record_run(RunRecord(run_id=run_id, job="retail-cpu-gates", tier=None, model="m",
                          provider="docker", instance_type="cpu", region=None, status="passed",

@@ -41,11 +41,11 @@ def _shared_cost(artifacts: Path, run_id: str) -> float | None:
 
 def load_side(run_id: str, group_by: str | None) -> Any:
     from ephemera.errors import ConfigError
-    from ephemera.results import history
+    from ephemera.results import history, judgements
     from ephemera.results.compare import Side, counts_from_history, side_from_artifacts
     from ephemera.spec.settings import get_settings
 
-    stored = history.get_judgement(run_id)
+    stored = judgements.get_judgement(run_id)
     row = history.get_run(run_id)
     artifacts = find_artifacts(run_id, get_settings().artifacts_dir)
     if stored is None and row is None and artifacts is None:
@@ -72,11 +72,11 @@ def load_side(run_id: str, group_by: str | None) -> Any:
 
 
 def _grouping(run_a: str, run_b: str) -> str | None:
-    from ephemera.results import history
+    from ephemera.results import judgements
 
     found = []
     for run_id in (run_a, run_b):
-        stored = history.get_judgement(run_id) or {}
+        stored = judgements.get_judgement(run_id) or {}
         found.append([g for g in (stored.get("results") or {}) if g != "total"])
     common = [g for g in found[0] if g in found[1]]
     return common[0] if common else None

@@ -54,14 +54,14 @@ def state_rows(now: datetime) -> tuple[list[dict[str, Any]], list[str]]:
 
 def history_rows(now: datetime, limit: int, skip: set[str]) -> list[dict[str, Any]]:
     """The latest ``limit`` runs of the history, newest first (``skip``: shown already)."""
-    from ephemera.results.history import _with_retry, history_path
+    from ephemera.results.history import history_path, with_retry
 
     path = history_path()
     if not path.exists() or limit <= 0:
         return []
     sql = ("SELECT run_id, job, status, provider, instance_type, started_at, cost_usd "
            "FROM runs ORDER BY started_at DESC LIMIT ?")
-    found = _with_retry(path, lambda conn: conn.execute(sql, (limit + len(skip),)).fetchall())
+    found = with_retry(path, lambda conn: conn.execute(sql, (limit + len(skip),)).fetchall())
     rows = []
     for run_id, job, status, provider, instance_type, started, cost in found:
         if run_id in skip:

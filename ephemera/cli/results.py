@@ -52,9 +52,9 @@ def command(run_id: str, as_json: bool) -> None:
     Exit codes: 0 shown, 2 the run is not in the history.
     """
     from ephemera.errors import ConfigError
-    from ephemera.results import history
+    from ephemera.results import history, judgements
 
-    data = history.get_judgement(run_id)
+    data = judgements.get_judgement(run_id)
     if data is None:
         raise ConfigError(f"run '{run_id}' is not in the history ({history.history_path()})",
                           hint="`ephemera cost --by day` lists what the history holds.")

@@ -386,7 +386,8 @@ def _judge_outcome(variant: Variant, out: Outcome, *, settings: Any, masker: Any
 
 def _record(variant: Variant, out: Outcome, *, settings: Any, judgement: Any, masker: Any) -> None:
     from ephemera.results.gates import Judgement
-    from ephemera.results.history import GateRow, RunRecord, record_judgement, record_run
+    from ephemera.results.history import RunRecord, record_run
+    from ephemera.results.judgements import GateRow, record_judgement
 
     j: Judgement = judgement
     # The machine's cost is recorded once, under the machine's run id; the split is in

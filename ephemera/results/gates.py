@@ -87,7 +87,7 @@ class Baseline:
 
 def load_baseline(job: str, tier: str | None, branch: str, runs: int, *, exclude: str | None,
                   path: Path | None = None) -> Baseline:
-    from ephemera.results.history import baseline_runs
+    from ephemera.results.judgements import baseline_runs
 
     return Baseline(branch=branch, runs=baseline_runs(job, tier, branch, runs, exclude=exclude,
                                                       path=path))
@@ -407,7 +407,7 @@ def record(run: Run) -> dict[str, Any] | None:
     if judgement is None:
         return None
     from ephemera.masking import mask_data
-    from ephemera.results.history import GateRow, record_judgement
+    from ephemera.results.judgements import GateRow, record_judgement
 
     results = judgement.results
     stored: dict[str, dict[str, tuple[int, int, int, int]]] = {}

@@ -230,7 +230,7 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _with_retry(path: Path, work: Callable[[sqlite3.Connection], T]) -> T:
+def with_retry(path: Path, work: Callable[[sqlite3.Connection], T]) -> T:
     """Run ``work`` on a fresh connection, retrying while another writer holds the lock."""
     delay = 0.05
     for attempt in range(1, WRITE_ATTEMPTS + 1):
@@ -259,7 +259,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
                          f"(schema {version}, this one knows {SCHEMA_VERSION})")
     # WAL lets readers go on while a writer writes; it is a property of the file.
     conn.execute("PRAGMA journal_mode = WAL")
-    with _Txn(conn):
+    with Transaction(conn):
         # Another process may have created the schema while this one waited for the lock.
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version < 1:
@@ -274,7 +274,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
 
 
 @dataclass
-class _Txn:
+class Transaction:
     conn: sqlite3.Connection
 
     def __enter__(self) -> sqlite3.Connection:
@@ -293,10 +293,10 @@ def record_run(record: RunRecord, *, path: Path | None = None) -> None:
     row = record._row("run")
 
     def work(conn: sqlite3.Connection) -> None:
-        with _Txn(conn):
+        with Transaction(conn):
             conn.execute(f"INSERT OR REPLACE INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", row)
 
-    _with_retry(path, work)
+    with_retry(path, work)
 
 
 def record_teardown(run_id: str, *, ended_at: datetime | None, fallback: RunRecord,
@@ -311,7 +311,7 @@ def record_teardown(run_id: str, *, ended_at: datetime | None, fallback: RunReco
         raise ValueError("naive datetime: ephemera works in UTC only")
 
     def work(conn: sqlite3.Connection) -> str:
-        with _Txn(conn):
+        with Transaction(conn):
             row = conn.execute(
                 "SELECT COALESCE(launched_at, started_at), price_per_hour FROM runs "
                 "WHERE run_id = ?", (run_id,)).fetchone()
@@ -321,7 +321,7 @@ def record_teardown(run_id: str, *, ended_at: datetime | None, fallback: RunReco
                 return "added"
             if ended_at is None:
                 return "unchanged"
-            launched, price = _number(row[0]), _number(row[1])
+            launched, price = as_number(row[0]), as_number(row[1])
             billed = billed_seconds(launched, ended_at.timestamp(), min_billed_seconds)
             conn.execute(
                 "UPDATE runs SET ended_at = ?, termination_verified = 1, "
@@ -330,7 +330,7 @@ def record_teardown(run_id: str, *, ended_at: datetime | None, fallback: RunReco
                 (ended_at.timestamp(), billed, billed * price / 3600.0, run_id))
             return "updated"
 
-    return _with_retry(path, work)
+    return with_retry(path, work)
 
 
 def billed_seconds(launched: float, ended: float, minimum: int = 0) -> float:
@@ -340,7 +340,7 @@ def billed_seconds(launched: float, ended: float, minimum: int = 0) -> float:
     return float(max(math.ceil(ended - launched - 1e-9), minimum))
 
 
-def _number(value: object) -> float:
+def as_number(value: object) -> float:
     """A REAL column as a float (0.0 for anything a damaged row holds instead)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
@@ -378,14 +378,14 @@ def import_cost_files(paths: Iterable[str | os.PathLike[str]], *,
 
     def work(conn: sqlite3.Connection) -> int:
         added = 0
-        with _Txn(conn):
+        with Transaction(conn):
             for row in rows:
                 cur = conn.execute(
                     f"INSERT OR IGNORE INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", row)
                 added += cur.rowcount
         return added
 
-    added = _with_retry(db, work)
+    added = with_retry(db, work)
     return ImportResult(added=added, already_present=len(rows) - added, files=len(files))
 
 
@@ -421,7 +421,7 @@ def summarize(since_seconds: float | None, by: str | None, *, path: Path | None 
                                 billed_seconds=float(billed or 0.0)))
         return out
 
-    return _with_retry(db, work)
+    return with_retry(db, work)
 
 
 def get_run(run_id: str, *, path: Path | None = None) -> dict | None:
@@ -443,118 +443,11 @@ def get_run(run_id: str, *, path: Path | None = None) -> dict | None:
                              "JSON", hint="Move the file away to start a new history.") from None
         return data
 
-    return _with_retry(db, work)
+    return with_retry(db, work)
 
 
 def count_runs(*, path: Path | None = None) -> int:
     db = path or history_path()
     if not db.exists():
         return 0
-    return _with_retry(db, lambda conn: conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
-
-
-# ---- results, benchmark figures, gates ------------------------------------------------
-
-@dataclass(frozen=True)
-class GateRow:
-    gate: str
-    group: str | None
-    value: float | None
-    bound: float | None
-    baseline: float | None
-    passed: bool
-    line: str
-
-
-def record_judgement(run_id: str, *, branch: str = "", commit: str = "",
-                     results: dict[str, dict[str, tuple[int, int, int, int]]] | None = None,
-                     metrics: dict[str, float] | None = None, gates: Iterable[GateRow] = (),
-                     path: Path | None = None) -> None:
-    """Store a run's origin (branch, commit), results per grouping and group
-    (passed, failed, errors, skipped), benchmark figures and gates, replacing what was
-    stored for it before. The run's row, when there is one, gets the branch and commit."""
-    db = path or history_path()
-    result_rows = [(run_id, grouping, grp, *counts)
-                   for grouping, groups in (results or {}).items() for grp, counts in groups.items()]
-    metric_rows = [(run_id, name, float(value)) for name, value in (metrics or {}).items()
-                   if math.isfinite(value)]
-    gate_rows = [(run_id, seq, g.gate, g.group, g.value, g.bound, g.baseline, int(g.passed), g.line)
-                 for seq, g in enumerate(gates)]
-
-    def work(conn: sqlite3.Connection) -> None:
-        with _Txn(conn):
-            for table in ("run_results", "run_metrics", "run_gates"):
-                conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
-            conn.executemany("INSERT INTO run_results VALUES (?, ?, ?, ?, ?, ?, ?)", result_rows)
-            conn.executemany("INSERT INTO run_metrics VALUES (?, ?, ?)", metric_rows)
-            conn.executemany("INSERT INTO run_gates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", gate_rows)
-            conn.execute("UPDATE runs SET branch = ?, commit_sha = CASE WHEN ? = '' THEN commit_sha "
-                         "ELSE ? END WHERE run_id = ?", (branch, commit, commit, run_id))
-
-    _with_retry(db, work)
-
-
-def _metrics_of(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {r: {} for r in run_ids}
-    for run_id in run_ids:
-        for name, value in conn.execute(
-                "SELECT metric, value FROM run_metrics WHERE run_id = ? ORDER BY metric", (run_id,)):
-            number = _number(value)
-            if isinstance(name, str):
-                out[run_id][name] = number
-    return out
-
-
-def baseline_runs(job: str, tier: str | None, branch: str, limit: int, *,
-                  exclude: str | None = None, path: Path | None = None) -> list[dict]:
-    """The last ``limit`` passing runs of ``job`` and ``tier`` recorded from ``branch``
-    that have benchmark figures, newest first: run_id, started_at, branch, commit, metrics."""
-    db = path or history_path()
-    if not db.exists():
-        return []
-
-    def work(conn: sqlite3.Connection) -> list[dict]:
-        rows = conn.execute(
-            "SELECT run_id, started_at, branch, commit_sha FROM runs WHERE job = ? "
-            "AND COALESCE(tier, '') = ? AND branch = ? AND status = 'passed' AND run_id != ? "
-            "AND EXISTS (SELECT 1 FROM run_metrics m WHERE m.run_id = runs.run_id) "
-            "ORDER BY started_at DESC LIMIT ?",
-            (job, tier or "", branch, exclude or "", int(limit))).fetchall()
-        ids = [str(r[0]) for r in rows]
-        metrics = _metrics_of(conn, ids)
-        return [{"run_id": str(r[0]), "started_at": _number(r[1]), "branch": str(r[2]),
-                 "commit": str(r[3]), "metrics": metrics[str(r[0])]} for r in rows]
-
-    return _with_retry(db, work)
-
-
-def get_judgement(run_id: str, *, path: Path | None = None) -> dict | None:
-    """A run's stored results, figures and gates (None when the run is unknown)."""
-    db = path or history_path()
-    if not db.exists():
-        return None
-
-    def work(conn: sqlite3.Connection) -> dict | None:
-        run = conn.execute("SELECT job, tier, status, exit_code, started_at, branch, commit_sha "
-                           "FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        results: dict[str, dict[str, dict[str, int]]] = {}
-        for grouping, grp, *counts in conn.execute(
-                "SELECT grouping, grp, passed, failed, errors, skipped FROM run_results "
-                "WHERE run_id = ? ORDER BY grouping, grp", (run_id,)):
-            values = [int(_number(c)) for c in counts]
-            results.setdefault(str(grouping), {})[str(grp)] = dict(
-                zip(("passed", "failed", "errors", "skipped"), values, strict=True))
-        gates = [{"gate": str(g), "group": grp, "value": v, "bound": b, "baseline": base,
-                  "passed": bool(ok), "line": str(line)}
-                 for g, grp, v, b, base, ok, line in conn.execute(
-                     "SELECT gate, grp, value, bound, baseline, passed, line FROM run_gates "
-                     "WHERE run_id = ? ORDER BY seq", (run_id,))]
-        metrics = _metrics_of(conn, [run_id])[run_id]
-        if run is None and not (results or gates or metrics):
-            return None
-        job, tier, status, exit_code, started, branch, commit = run if run else (None,) * 7
-        return {"run_id": run_id, "job": job, "tier": tier, "status": status,
-                "exit_code": exit_code, "started_at": started, "branch": branch or "",
-                "commit": commit or "", "results": results, "metrics": metrics, "gates": gates}
-
-    return _with_retry(db, work)
+    return with_retry(db, lambda conn: conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
