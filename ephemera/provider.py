@@ -16,7 +16,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,8 +43,6 @@ def make_labels(run_id: str, job: str, owner: str, expires_at: datetime) -> dict
 
 def format_time(moment: datetime) -> str:
     """ISO 8601 in UTC with a Z, to the second: 2026-11-21T23:00:00Z."""
-    from datetime import UTC
-
     if moment.tzinfo is None:
         raise ValueError("naive datetime: ephemera works in UTC only")
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -52,8 +50,6 @@ def format_time(moment: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     """Inverse of :func:`format_time` (accepts any ISO 8601 with an offset or Z)."""
-    from datetime import UTC
-
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)

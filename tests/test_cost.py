@@ -253,7 +253,7 @@ def test_cost_report_bills_the_launched_machine(tmp_path):
 
     from ephemera_providers.aws import AWSProvider
 
-    from ephemera.lifecycle.controller import RunResult
+    from ephemera.lifecycle.records import RunResult
     from ephemera.results.reporting import write_reports
 
     warnings = []

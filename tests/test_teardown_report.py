@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ephemera.lifecycle.controller import PhaseRecord, Run
+from ephemera.lifecycle.controller import Run
+from ephemera.lifecycle.records import PhaseRecord
 from ephemera.lifecycle.teardown import TeardownResult
 from ephemera.progress import Reporter
 from ephemera.provider import Instance, InstanceState

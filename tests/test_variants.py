@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ephemera.errors import ConfigError
-from ephemera.lifecycle.variants import Outcome, exit_code, load_variants, plan_placement
+from ephemera.lifecycle.ab_run import Outcome, exit_code
+from ephemera.lifecycle.variants import load_variants, plan_placement
 from ephemera.spec.jobfile import JobFileError, load_job
 
 REF = Path(__file__).parent / "data" / "reference-models"

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ephemera.builtins.locks import exclusive_lock
+from ephemera.builtins.steps import run_step
 from ephemera.errors import InfraError
+from ephemera.spec.settings import get_settings
 
 Progress = Callable[[str], None]
 
@@ -41,8 +43,6 @@ def _quiet(_line: str) -> None:
 
 
 def env_root() -> Path:
-    from ephemera.spec.settings import get_settings
-
     return get_settings().cache_dir / "cpu-env"
 
 
@@ -82,8 +82,6 @@ _PIP_HINT = ("pip's own configuration (pip.conf, PIP_EXTRA_INDEX_URL, PIP_FIND_L
 
 
 def _run(cmd: list[str], progress: Progress, what: str) -> None:
-    from ephemera.builtins.steps import run_step
-
     run_step(cmd, progress, what, hint=_PIP_HINT)
 
 

@@ -23,7 +23,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ephemera.builtins.locks import exclusive_lock
+from ephemera.builtins.steps import run_step
 from ephemera.errors import ConfigError, InfraError
+from ephemera.spec.settings import get_settings
+from ephemera.transport.docker_engine import connect_docker
 
 Progress = Callable[[str], None]
 
@@ -89,8 +93,6 @@ class ImageStatus:
 
 
 def _client():
-    from ephemera.transport.docker_engine import connect_docker
-
     return connect_docker("the CPU image")
 
 
@@ -104,8 +106,6 @@ def _image_size(client, ref: str) -> int | None:
 
 
 def wheelhouse_dir() -> Path:
-    from ephemera.spec.settings import get_settings
-
     key = _short_hash(IMAGE_PYTHON, *WHEEL_REQUIREMENTS)
     return get_settings().cache_dir / "wheelhouse" / key
 
@@ -150,8 +150,6 @@ def debian_mirror() -> str:
 
 def _stream(cmd: list[str], progress: Progress, what: str, **kwargs) -> None:
     """Run a host command, passing its output on as progress lines; fail with its tail."""
-    from ephemera.builtins.steps import run_step
-
     run_step(cmd, progress, what, **kwargs)
 
 
@@ -167,7 +165,6 @@ def ensure_base(client, progress: Progress) -> str:
     if shutil.which("debootstrap") is None:
         raise ConfigError("building the CPU image needs 'debootstrap', which is not installed",
                           hint="Install it: apt-get install debootstrap.")
-    from ephemera.spec.settings import get_settings
 
     mirror = debian_mirror()
     work = get_settings().cache_dir / "build"
@@ -260,9 +257,6 @@ def ensure_cpu_image(progress: Progress | None = None) -> str:
 
 def _build_lock():
     """One build at a time across processes (two CI steps, parallel test sessions)."""
-    from ephemera.builtins.locks import exclusive_lock
-    from ephemera.spec.settings import get_settings
-
     return exclusive_lock(get_settings().cache_dir / "build")
 
 

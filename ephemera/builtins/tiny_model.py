@@ -27,7 +27,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ephemera.builtins.cpu_env import ensure_cpu_env
 from ephemera.errors import InfraError
+from ephemera.spec.settings import get_settings
 
 Progress = Callable[[str], None]
 
@@ -161,8 +163,6 @@ def recipe_hash(name: str = "tiny-llama") -> str:
 
 
 def default_dir(name: str = "tiny-llama") -> Path:
-    from ephemera.spec.settings import get_settings
-
     return get_settings().cache_dir / "models" / name
 
 
@@ -183,8 +183,6 @@ def ensure_tiny_model(progress: Progress | None = None, out: Path | None = None,
                       name: str = "tiny-llama") -> Path:
     """Write the tiny model ``name`` to ``out`` (default CACHE_DIR/models/NAME) unless
     it is already there from the same recipe; return the directory."""
-    from ephemera.builtins.cpu_env import ensure_cpu_env
-
     progress = progress or _quiet
     out = Path(out) if out is not None else default_dir(name)
     if is_ready(out, name):

@@ -56,7 +56,7 @@ def _run(job_file: str, tier: str | None, provider_name: str | None, catalog: Pa
         load_provider_class(provider_name)  # unknown/broken plugin: exit 2 before anything
     variant, run_id, artifacts_dir = one
     if loaded.job.variants and variant is None:
-        from ephemera.lifecycle.variants import run_variants
+        from ephemera.lifecycle.ab_run import run_variants
 
         sys.exit(run_variants(job_file, loaded, tier=tier, provider_name=provider_name,
                               catalog=catalog, dry_run=dry_run, as_json=as_json))

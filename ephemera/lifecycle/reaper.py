@@ -9,12 +9,14 @@ reported (and makes ``ephemera reap`` exit non-zero) and the reaper goes on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ephemera.errors import IncompleteSearchError
+from ephemera.lifecycle.teardown import terminate_and_verify
 from ephemera.provider import (
     LABEL_EXPIRES_AT,
     LABEL_OWNER,
@@ -47,7 +49,6 @@ class ReapReport:
 def reap(provider_names: list[str] | None, *, owner: str | None, dry_run: bool, now: datetime,
          log: Callable[[str], None]) -> ReapReport:
     """Terminate the expired resources of ``owner`` (of every owner when it is None)."""
-    from ephemera.lifecycle.teardown import terminate_and_verify
     from ephemera.registry import get_provider
     from ephemera.registry import provider_names as all_names
 
@@ -95,8 +96,6 @@ def _reap_one(name: str, provider: Any, instance: Any, *, owner: str | None, dry
     """The report item of one instance (what was, or would be, done), FOREIGN when an
     owner is given and the instance carries another, KEPT when it is not expired or has
     no readable expiry, IGNORED when it is not an ephemera instance or is gone already."""
-    import time
-
     labels = instance.labels
     if instance.state == InstanceState.TERMINATED or LABEL_RUN_ID not in labels:
         return IGNORED

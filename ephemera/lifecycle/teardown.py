@@ -16,13 +16,35 @@ state file left saying "active" only makes a later ``ephemera down`` check again
 
 from __future__ import annotations
 
+import shutil
+import threading
+from typing import TYPE_CHECKING
+
+from ephemera.transport.container import ContainerRemote
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ephemera.lifecycle.controller import Run
+
+
+
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from ephemera.errors import ConfigError, IncompleteSearchError
-from ephemera.provider import LABEL_RUN_ID, Instance, InstanceState, Provider
+from ephemera.errors import (
+    ConfigError,
+    IncompleteSearchError,
+)
+from ephemera.lifecycle.faults import fault_point
+from ephemera.provider import (
+    LABEL_RUN_ID,
+    Instance,
+    InstanceState,
+    Provider,
+)
+from ephemera.transport.remote import Remote
 
 Log = Callable[[str], None]
 
@@ -177,3 +199,53 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
     result.seconds = time.monotonic() - started
     record_outcome(record, result, log)
     return result
+
+
+def _close_quietly(remote: Remote) -> None:
+    """Remove the run's container (on a machine's Docker) and close the channel. vLLM
+    is not stopped gracefully: the provider ends every process of the run, and its
+    log was collected already."""
+
+    try:
+        if isinstance(remote, ContainerRemote):
+            remote.remove_container()
+        remote.close()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def teardown_stage(run: Run) -> bool:
+    run._in_teardown = True
+    if run.provider is None or run.state is None:
+        return True
+    left = run.deadline - time.monotonic()
+    timeout = max(left, 120.0)  # never cut teardown short: a leaked machine costs more than a late exit
+    with run.phase("teardown"):
+        fault_point("teardown")
+        run._write_state_best_effort("tearing-down")
+        if run.remote is not None:
+            # The provider ends every process of the run; this part must not hold up the
+            # teardown when the peer stopped answering, hence the thread with a bound.
+
+            closer = threading.Thread(target=run._close_quietly, args=(run.remote,), daemon=True)
+            closer.start()
+
+            # After a signal the runner kills us within seconds: the machine's end comes
+            # first (the provider removes the run's containers and processes itself).
+            wait = 20.0 if isinstance(run.remote, ContainerRemote) else 2.0
+            closer.join(timeout=0.2 if run._signal else wait)
+        result = teardown_run(run.provider, run.run_id, run.instance, timeout=timeout, log=run._log)
+        run.teardown_result = result
+        run.terminated_at = datetime.now(UTC)
+        fault_point("terminated")
+        if result.verified:
+            run._write_state_best_effort("terminated")
+            run._log(f"teardown verified: nothing of run {run.run_id} is left "
+                      f"({', '.join(result.terminated) or 'no instance'})")
+            if run.ssh_key_dir is not None:
+                shutil.rmtree(run.ssh_key_dir, ignore_errors=True)
+        else:
+            run._write_state_best_effort("teardown-failed")
+            run.reporter.error("teardown NOT verified: " + "; ".join(result.problems)
+                                + f". Run `ephemera down {run.run_id}` to finish it.")
+        return result.verified

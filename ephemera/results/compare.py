@@ -37,7 +37,7 @@ from ephemera.results.benchmark import (
     read_result,
 )
 from ephemera.results.gates import GateOutcome
-from ephemera.results.junit import Case, Counts
+from ephemera.results.junit import Case, Counts, markdown_table, read_results, text_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.spec.job import CompareSpec
@@ -170,8 +170,6 @@ def _refuse(name: str) -> float:
 def side_from_artifacts(name: str, artifacts_dir: Path, *, junit: list[str] | None = None,
                         group_by: str | None = None) -> Side:
     """A side read from a run's artifacts directory (JUnit cases, benchmark.json)."""
-    from ephemera.results.junit import read_results
-
     side = Side(name=name)
     results = read_results(artifacts_dir, junit or [], group_by)
     side.problems += results.totals.problems
@@ -454,8 +452,6 @@ def pair_lines(pair: PairComparison) -> list[str]:
 
 
 def text_lines(comparison: Comparison) -> list[str]:
-    from ephemera.results.junit import text_table
-
     headers, rows = table_rows(comparison)
     lines = text_table(headers, rows).splitlines()
     for pair in comparison.pairs:
@@ -468,8 +464,6 @@ def text_lines(comparison: Comparison) -> list[str]:
 
 
 def markdown(comparison: Comparison) -> str:
-    from ephemera.results.junit import markdown_table
-
     headers, rows = table_rows(comparison)
     title = "#### A/B comparison" + (f" ({comparison.placement})" if comparison.placement else "")
     out = [title, "", markdown_table(headers, [[r[0].strip(), *r[1:]] for r in rows]), ""]

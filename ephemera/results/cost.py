@@ -21,12 +21,13 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from ephemera.errors import ConfigError
+from ephemera.spec.durations import format_duration
 
 SCHEMA_VERSION = 1
 
@@ -157,8 +158,6 @@ class CostReport:
 
     def with_outcome(self, status: str, exit_code: int | None) -> CostReport:
         """The same report with the run's final status (known only after teardown)."""
-        from dataclasses import replace
-
         return replace(self, status=status, exit_code=exit_code)
 
     # ---- serialisation -----------------------------------------------------
@@ -388,7 +387,6 @@ def usd(value: float | None) -> str:
 def seconds_text(value: float | None) -> str:
     if value is None:
         return "n/a"
-    from ephemera.spec.durations import format_duration
 
     return format_duration(value) if value >= 1 else f"{value:.1f}s"
 

@@ -22,8 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ephemera.results.benchmark import METRICS, BenchmarkResult, figure_text
-from ephemera.results.junit import Counts, Results
+from ephemera.masking import mask_data
+from ephemera.results.benchmark import (
+    METRICS,
+    STATS,
+    BenchmarkResult,
+    benchmark_rows,
+    figure_text,
+    other_rows,
+)
+from ephemera.results.judgements import GateRow, baseline_runs, record_judgement
+from ephemera.results.junit import (
+    Counts,
+    Results,
+    markdown_table,
+    read_results,
+    results_headers,
+    table_rows,
+    text_table,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
@@ -87,8 +104,6 @@ class Baseline:
 
 def load_baseline(job: str, tier: str | None, branch: str, runs: int, *, exclude: str | None,
                   path: Path | None = None) -> Baseline:
-    from ephemera.results.judgements import baseline_runs
-
     return Baseline(branch=branch, runs=baseline_runs(job, tier, branch, runs, exclude=exclude,
                                                       path=path))
 
@@ -284,8 +299,6 @@ def judge(job: Job, *, tier: str | None, run_id: str, artifacts_dir: Path,
           bench: BenchmarkResult | None, branch: str, commit: str,
           history: Path | None = None) -> Judgement:
     """Read the results, load the baseline when a gate needs one, evaluate the gates."""
-    from ephemera.results.junit import read_results
-
     group = _group_for(job)
     results = read_results(artifacts_dir, job.results.junit, group)
     baseline = None
@@ -315,9 +328,6 @@ def verdict(judgement: Judgement, gates: GatesSpec, status: str, code: int,
 # ---- output --------------------------------------------------------------------------
 
 def markdown(judgement: Judgement) -> str:
-    from ephemera.results.benchmark import STATS, benchmark_rows, other_rows
-    from ephemera.results.junit import markdown_table, results_headers, table_rows
-
     out = ["#### Results", ""]
     results = judgement.results
     if results.found:
@@ -345,9 +355,6 @@ def markdown(judgement: Judgement) -> str:
 
 
 def text_lines(judgement: Judgement) -> list[str]:
-    from ephemera.results.benchmark import STATS, benchmark_rows, other_rows
-    from ephemera.results.junit import results_headers, table_rows, text_table
-
     lines: list[str] = []
     if judgement.results.found:
         lines += text_table(results_headers(judgement.group_by),
@@ -392,7 +399,6 @@ def write_files(run: Run, judgement: Judgement) -> None:
     try:
         run.artifacts_dir.mkdir(parents=True, exist_ok=True)
         (run.artifacts_dir / RESULTS_MD).write_text(run.masker(markdown(judgement)), encoding="utf-8")
-        from ephemera.masking import mask_data
 
         data = mask_data(judgement.to_dict(), run.masker)
         (run.artifacts_dir / RESULTS_JSON).write_text(json.dumps(data, indent=2), encoding="utf-8")
@@ -406,8 +412,6 @@ def record(run: Run) -> dict[str, Any] | None:
     judgement: Judgement | None = getattr(run, "judgement", None)
     if judgement is None:
         return None
-    from ephemera.masking import mask_data
-    from ephemera.results.judgements import GateRow, record_judgement
 
     results = judgement.results
     stored: dict[str, dict[str, tuple[int, int, int, int]]] = {}

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from ephemera.errors import ConfigError, InfraError
+from ephemera.provider import parse_time
 from ephemera.results.cost import CostReport
+from ephemera.spec.settings import get_settings
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 10_000
@@ -133,8 +135,6 @@ class RunRecord:
     def from_report(cls, report: CostReport, *, status: str | None = None,
                     exit_code: int | None = None) -> RunRecord:
         """The history row of a cost report (status/exit code override the report's)."""
-        from ephemera.provider import parse_time
-
         started = report.started_at or report.launched_at
         verified = bool(report.termination_verified and report.terminated_at)
         return cls(
@@ -204,8 +204,6 @@ class GroupRow:
 # ---- connection --------------------------------------------------------------------
 
 def history_path() -> Path:
-    from ephemera.spec.settings import get_settings
-
     return get_settings().history_path
 
 

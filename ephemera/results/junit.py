@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +226,6 @@ def _count_file(path: Path) -> _Counter:
 
 def parse_junit_file(path: str | os.PathLike[str]) -> JUnitTotals:
     """Counts and cases in one JUnit XML file; a problem (not a raise) when it is not one."""
-    import xml.etree.ElementTree as ET
-
     from defusedxml import DefusedXmlException
 
     path = Path(path)

@@ -19,8 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ephemera.results.cost import PhaseTiming, billed_terms, compute_cost, write_cost_files
+from ephemera.results.history import RunRecord, record_run
+from ephemera.results.summary import append_step_summary, junit_in, step_summary_markdown
+
 if TYPE_CHECKING:  # pragma: no cover
-    from ephemera.lifecycle.controller import Run, RunResult
+    from ephemera.lifecycle.controller import Run
+    from ephemera.lifecycle.records import RunResult
 
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -59,15 +64,6 @@ def _created_something(run: Run) -> bool:
 
 
 def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
-    from ephemera.results.cost import (
-        PhaseTiming,
-        billed_terms,
-        compute_cost,
-        write_cost_files,
-    )
-    from ephemera.results.history import RunRecord, record_run
-    from ephemera.results.summary import append_step_summary, junit_in, step_summary_markdown
-
     offer = run.offer or (run.plan.offer if run.plan is not None else None)
     if offer is None or run.launched_at is None:
         return None

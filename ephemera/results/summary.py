@@ -10,6 +10,7 @@ appended to ``$GITHUB_STEP_SUMMARY`` only when that variable is set.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -118,8 +119,6 @@ def append_step_summary(markdown: str, environ: Mapping[str, str] | None = None)
         with path.open("a", encoding="utf-8") as fh:
             fh.write(markdown)
     except OSError as exc:
-        import sys
-
         print(f"ephemera: warning: cannot write the step summary to {path}: {exc}", file=sys.stderr)
         return None
     return path

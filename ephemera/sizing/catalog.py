@@ -29,6 +29,7 @@ from typing import Any
 
 from ephemera.errors import ConfigError
 from ephemera.provider import Offer, OfferRequest
+from ephemera.spec.settings import get_settings
 
 COLUMNS = ("provider", "instance_type", "region", "gpu", "gpu_count", "gpu_memory_gib",
            "vcpus", "memory_gib", "price_per_hour")
@@ -220,8 +221,6 @@ def builtin_aws_offers(request: OfferRequest) -> list[Offer]:
 
 
 def _cache_path(provider: str) -> Path:
-    from ephemera.spec.settings import get_settings
-
     return get_settings().cache_dir / "catalog" / f"{provider}.json"
 
 

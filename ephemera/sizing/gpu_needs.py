@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ephemera.errors import ConfigError
+from ephemera.lifecycle.server import vllm_options
 from ephemera.provider import Offer
 from ephemera.sizing.catalog import offer_capability
 from ephemera.sizing.model_shape import Shape
@@ -141,8 +142,6 @@ def _compressed_tensors_needs(qc: dict[str, Any]) -> tuple[float, bool]:
 def gpu_needs(job: Job, shape: Shape, config: dict[str, Any] | None = None) -> GpuNeeds:
     """What the job's vLLM command line asks of a GPU. ``config`` is the model's
     config.json; without it the checkpoint's method is read off the shape."""
-    from ephemera.lifecycle.server import vllm_options
-
     argv = vllm_options(job, tensor_parallel_size=1, host="127.0.0.1", port=8000, served_name="m")
     dtype = (arg_text(argv, "--dtype") or "auto").lower()
     method = arg_text(argv, "--quantization")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ephemera.errors import ConfigError, TransientError
+from ephemera.spec.settings import get_settings
 
 TINY_MODEL_ID = "ephemera/tiny-llama"
 TINY_VL_MODEL_ID = "ephemera/tiny-vl"
@@ -133,8 +134,6 @@ def resolve_model_dir(model_id: str) -> Path | None:
     """The local directory for a model id: the tiny model's cache dir, an existing
     directory, or None for a hub id (or a bare size)."""
     if model_id in _BUILTIN:
-        from ephemera.spec.settings import get_settings
-
         return get_settings().cache_dir / "models" / _BUILTIN[model_id][0]
     path = Path(model_id).expanduser()
     if path.is_dir():
@@ -304,8 +303,6 @@ def load_model(model_id: str, *, revision: str | None = None, metadata: bool = T
 
 
 def _hub_cache() -> Path:
-    from ephemera.spec.settings import get_settings
-
     return get_settings().cache_dir / "hf"
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from ephemera.errors import NoFittingOfferError
 from ephemera.provider import Offer, OfferRequest
-from ephemera.sizing.catalog import offer_capability
+from ephemera.sizing.catalog import load_catalog, offer_capability
 from ephemera.sizing.estimate import (
     GIB,
     Estimate,
@@ -40,8 +40,9 @@ from ephemera.sizing.estimate import (
 )
 from ephemera.sizing.gpu_needs import arg_value, gpu_needs
 from ephemera.sizing.model_shape import Shape, analyse
-from ephemera.sizing.modelconfig import ModelInfo
+from ephemera.sizing.modelconfig import ModelInfo, load_model
 from ephemera.spec.job import Job
+from ephemera.spec.settings import get_settings
 
 CPU_OVERHEAD_GIB = 1.5     # Python, torch and vLLM's own buffers on a CPU host
 TABLE_ROWS = 15
@@ -151,8 +152,6 @@ def _settings(job: Job) -> _Settings:
 
 def job_model(job: Job) -> ModelInfo:
     """The job's model as the estimator sees it (reads config.json; see modelconfig)."""
-    from ephemera.sizing.modelconfig import load_model
-
     return load_model(job.model.id, revision=job.model.revision)
 
 
@@ -367,8 +366,6 @@ def offers_for_job(job: Job, *, catalog: Path | None = None,
                    provider_name: str | None = None) -> list[Offer]:
     """Offers to plan over: a catalog file's rows, or what the provider plugin lists."""
     if catalog is not None:
-        from ephemera.sizing.catalog import load_catalog
-
         offers = load_catalog(catalog)
         wanted = provider_name or job.resources.provider
         if wanted and not any(o.provider == wanted for o in offers):
@@ -377,7 +374,6 @@ def offers_for_job(job: Job, *, catalog: Path | None = None,
                 f"catalog {catalog} has no offers for provider '{wanted}' (it lists: {listed}).")
         return offers
     from ephemera.registry import get_provider
-    from ephemera.spec.settings import get_settings
 
     name = provider_name or job.resources.provider or get_settings().default_provider
     res = job.resources
@@ -393,7 +389,5 @@ def plan_job(job: Job, *, catalog: Path | None = None, provider_name: str | None
     offers = offers_for_job(job, catalog=catalog, provider_name=provider_name)
     provider = provider_name or job.resources.provider
     if catalog is None and provider is None:
-        from ephemera.spec.settings import get_settings
-
         provider = get_settings().default_provider
     return make_plan(job, offers, provider=provider)

@@ -22,12 +22,16 @@ from pydantic import (
     model_validator,
 )
 
+from ephemera.errors import ConfigError
+from ephemera.results.benchmark import LATENCY_METRICS, METRICS, RATE_METRICS
+from ephemera.results.junit import check_grouping
 from ephemera.spec.durations import (
     MAX_JOB_SECONDS,
     format_job_duration,
     parse_duration,
     parse_job_duration,
 )
+from ephemera.transport.hostkeys import accepted_entries
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 
@@ -158,9 +162,6 @@ class SSHTarget(Strict):
     @field_validator("host_key")
     @classmethod
     def _host_key(cls, value: str | None) -> str | None:
-        from ephemera.errors import ConfigError
-        from ephemera.transport.hostkeys import accepted_entries
-
         try:
             entries = accepted_entries(value)
         except ConfigError as exc:
@@ -220,8 +221,6 @@ class ResultsSpec(Strict):
     @field_validator("group_by")
     @classmethod
     def _grouping(cls, value: str | None) -> str | None:
-        from ephemera.results.junit import check_grouping
-
         return None if value is None else check_grouping(value)
 
 
@@ -263,8 +262,6 @@ class Bound(Strict):
 
 
 def _benchmark_gates_model() -> type[BaseModel]:
-    from ephemera.results.benchmark import METRICS
-
     fields: dict[str, Any] = {name: (Bound | None, None) for name in METRICS}
     return create_model("BenchmarkGates", __base__=Strict, **fields)
 
@@ -280,8 +277,6 @@ class PassRateBy(Strict):
     @field_validator("group")
     @classmethod
     def _grouping(cls, value: str) -> str:
-        from ephemera.results.junit import check_grouping
-
         return check_grouping(value)
 
 
@@ -304,8 +299,6 @@ class GatesSpec(Strict):
 
 
 def _compare_gates_model() -> type[BaseModel]:
-    from ephemera.results.benchmark import LATENCY_METRICS, RATE_METRICS
-
     ratio = Annotated[float | None, Field(None, gt=0, le=1000, allow_inf_nan=False)]
     fields: dict[str, Any] = {"pass_rate_drop_max": (
         Annotated[float | None, Field(None, ge=0, le=1, allow_inf_nan=False)], None)}

@@ -8,6 +8,7 @@ by ``EPHEMERA_CONFIG`` (default ``~/.config/ephemera/config.toml``), then defaul
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -22,6 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from ephemera.errors import ConfigError
 
 MAX_CONFIG_FILE_BYTES = 1_000_000
 MAX_SETTING_CHARS = 4096
@@ -123,8 +126,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                import json
-
                 try:
                     return json.loads(text)
                 except ValueError as exc:
@@ -190,7 +191,6 @@ def _check_config_file(path: Path) -> None:
     say what is wrong with it (and where) before the settings library reads it."""
     import tomllib
 
-    from ephemera.errors import ConfigError
 
     try:
         if not path.exists():
@@ -218,7 +218,6 @@ def get_settings() -> Settings:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
-    from ephemera.errors import ConfigError
 
     if _cached.cache_info().currsize:
         return _cached()

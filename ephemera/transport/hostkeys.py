@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ephemera.errors import ConfigError, InfraError
+from ephemera.spec.settings import get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import paramiko
@@ -104,8 +105,6 @@ class Trust:
 
     @classmethod
     def from_settings(cls) -> Trust:
-        from ephemera.spec.settings import get_settings
-
         settings = get_settings()
         if settings.ssh_known_hosts is not None:
             files: tuple[Path, ...] = (settings.ssh_known_hosts,)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ephemera.errors import RemoteCommandError
+
 LineSink = Callable[[str], None]
 
 
@@ -142,8 +144,6 @@ class ShellRemote:
 
     def start(self, command: str, *, env: Mapping[str, str] | None = None,
               cwd: str | None = None, log_file: str) -> str:
-        from ephemera.errors import RemoteCommandError
-
         line = detached_command(command, cwd=cwd, log_file=log_file,
                                 pgid_file=str(self.pgid_file) if self.pgid_file else None)
         # The environment goes through run's own channel (exported to the starting shell
