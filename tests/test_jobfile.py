@@ -378,7 +378,7 @@ def test_all_errors_at_once_with_line_and_column(tmp_path: Path):
     path.write_text(fixed)
     [problem] = problems_of(path)
     assert problem.path == "resources.provider" and problem.line == 11
-    assert "registered: aws, docker, local, ssh" in problem.message
+    assert "registered: aws, docker, local, slurm, ssh" in problem.message
 
 
 def test_unknown_provider_is_not_checked_when_asked(tmp_path: Path):
