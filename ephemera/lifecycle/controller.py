@@ -101,6 +101,7 @@ class Run:
         self._pending_signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.server_cmd: ServerCommand | None = None
+        self.base_url = ""                  # the server, as reached from this machine
         self.teardown_result: TeardownResult | None = None
         self.benchmark_result: Any = None   # ephemera.results.benchmark.BenchmarkResult
         self.judgement: Any = None          # ephemera.results.gates.Judgement
@@ -306,9 +307,6 @@ class Run:
 
     def collect(self, budget: float, suspect_channel: bool = False) -> None:
         return collect.collect(self, budget, suspect_channel)
-
-    def _close_quietly(self, remote: Remote) -> None:
-        return teardown.close_quietly(self)
 
     def teardown(self) -> bool:
         return teardown.teardown_stage(self)

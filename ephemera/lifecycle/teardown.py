@@ -201,7 +201,7 @@ def teardown_run(provider: Provider, run_id: str, instance: Instance | None, *, 
     return result
 
 
-def _close_quietly(remote: Remote) -> None:
+def close_quietly(remote: Remote) -> None:
     """Remove the run's container (on a machine's Docker) and close the channel. vLLM
     is not stopped gracefully: the provider ends every process of the run, and its
     log was collected already."""
@@ -227,7 +227,7 @@ def teardown_stage(run: Run) -> bool:
             # The provider ends every process of the run; this part must not hold up the
             # teardown when the peer stopped answering, hence the thread with a bound.
 
-            closer = threading.Thread(target=run._close_quietly, args=(run.remote,), daemon=True)
+            closer = threading.Thread(target=close_quietly, args=(run.remote,), daemon=True)
             closer.start()
 
             # After a signal the runner kills us within seconds: the machine's end comes
