@@ -26,16 +26,20 @@ from ephemera.errors import (
     PhaseTimeoutError,
 )
 from ephemera.lifecycle import (
+    caches,
     collect,
     machine,
     prepare,
     provision,
     serving,
     suite,
+    suite_prepare,
     teardown,
     upload,
+    weights,
 )
 from ephemera.lifecycle.faults import fault_point, wrap_provider
+from ephemera.lifecycle.phase_times import time_table
 from ephemera.lifecycle.records import PhaseRecord, RunResult, new_run_id
 from ephemera.lifecycle.server import ServerCommand, build_server_command
 from ephemera.lifecycle.state import RunState, save_state
@@ -57,7 +61,7 @@ from ephemera.results.gates import judge_run, record
 from ephemera.results.reporting import write_reports
 from ephemera.sizing.plan import Plan, plan_job
 from ephemera.spec.durations import format_duration
-from ephemera.spec.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL, Job
+from ephemera.spec.job import BUILTIN_CPU_IMAGE, BUILTIN_MODELS, Job
 from ephemera.spec.jobfile import LoadedJob
 from ephemera.spec.settings import Settings
 from ephemera.transport.remote import Remote
@@ -87,6 +91,7 @@ class Run:
         self._caps: Capabilities | None = None
         self.remote: Remote | None = None
         self.server_handle: str | None = None
+        self.suite_prepare: suite_prepare.Prepare | None = None
         self.state: RunState | None = None
         self.launched_at: datetime | None = None
         self.terminated_at: datetime | None = None
@@ -105,6 +110,8 @@ class Run:
         self.teardown_result: TeardownResult | None = None
         self.benchmark_result: Any = None   # ephemera.results.benchmark.BenchmarkResult
         self.judgement: Any = None          # ephemera.results.gates.Judgement
+        self.weights: Any = None            # ephemera.lifecycle.weights.WeightsJob
+        self.cache_env: dict[str, str] = {}  # the compile caches' environment for vLLM
         # One masker for everything the run prints and writes (ephemera.masking).
         self.masker = job_masker(loaded, warn=reporter.warn)
         reporter.masker = self.masker
@@ -297,6 +304,7 @@ class Run:
         return suite.suite_command(self)
 
     def run_suite(self) -> int:
+        suite_prepare.wait(self)
         return suite.run_suite(self)
 
     def _suite_line(self, line: str) -> None:
@@ -306,16 +314,18 @@ class Run:
         return collect.ensure_channel(self, budget)
 
     def collect(self, budget: float, suspect_channel: bool = False) -> None:
+        suite_prepare.settle(self, min(budget, 5.0) if suspect_channel else budget)
         return collect.collect(self, budget, suspect_channel)
 
     def teardown(self) -> bool:
+        weights.close(self)
         return teardown.teardown_stage(self)
 
     # ---------------------------------------------------------------- main
     def dry_run(self) -> RunResult:
         with self.phase("plan"):
             self.plan = self.make_plan()
-        uploaded = self.job.model.id == BUILTIN_TINY_MODEL or (self.loaded.base_dir / self.job.model.id).is_dir()
+        uploaded = self.job.model.id in BUILTIN_MODELS or (self.loaded.base_dir / self.job.model.id).is_dir()
         model_path = "<run dir>/model" if uploaded else self.job.model.id
         python = self.job.server.python
         if self.caps.runs is Runs.THIS_MACHINE and self.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
@@ -334,6 +344,7 @@ class Run:
             region=offer.region if offer else None,
             artifacts_dir=str(self.artifacts_dir) if self.artifacts_dir.exists() else None,
             message=self.masker(message), phases=self.phases, plan=self.plan,
+            started_at=self.started_at,
             server_command=self.masker(self.server_cmd.shell) if self.server_cmd else None,
             suite_command=self.masker(self.suite_command()),
         )
@@ -353,9 +364,10 @@ class Run:
                     self._log(f"plan: {o.instance_type} ({o.gpu_count} x {o.gpu or 'CPU'}), "
                               f"tensor parallel {self.plan.tensor_parallel_size}, ${o.price_per_hour:.4f}/h")
                 self.provider = wrap_provider(get_provider(self.provider_name))
-                with self.phase("prepare"):
+                with self.phase("local_prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
+                weights.start_local(self, hub_id)   # beside the pull, on this machine's engine
                 image = prepare.pull_before_launch(self, image)
                 # Building the built-ins on first use (minutes, once per machine) is not the
                 # job's time: its deadline starts now, right before anything is launched.
@@ -410,13 +422,24 @@ class Run:
         result.teardown_verified = verified if self.state is not None else None
         result.cost = self.report(result)
         result.judgement = self.record_judgement()
+        self.print_times()
         return result
+
+    def print_times(self) -> None:
+        """Where the run's time went, phase by phase (overlaps show on the time line)."""
+        if self.launched_at is None:
+            return
+        self.reporter.info("where the time went:")
+        for line in time_table(self.phases, self.started_at).splitlines():
+            self.reporter.info(f"  {line}")
 
     def serve_and_test(self, model_dir: Path | None, hub_id: str) -> int:
         """Upload, start vLLM, wait for health, run the suite and the benchmark; the
         suite's exit status. (A subclass may serve several models one after another.)"""
         uploaded = self.upload(model_dir)
-        self.start_server(uploaded or hub_id)
+        model_path = uploaded or weights.finish(self, hub_id)
+        self.cache_env = caches.prepare(self, model_path)
+        self.start_server(model_path)
         self.wait_healthy()
         suite_status = self.run_suite()
         if self.job.benchmark is not None:

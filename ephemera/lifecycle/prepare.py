@@ -18,7 +18,7 @@ from ephemera.provider import (
     ImagePuller,
     Runs,
 )
-from ephemera.spec.job import BUILTIN_CPU_IMAGE, BUILTIN_TINY_MODEL
+from ephemera.spec.job import BUILTIN_CPU_IMAGE, BUILTIN_MODELS
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
@@ -27,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def model_source(run: Run) -> tuple[Path | None, str]:
     """(local directory to upload or None, what vLLM loads when it is not uploaded)."""
     model_id = run.job.model.id
-    if model_id == BUILTIN_TINY_MODEL:
-        return ensure_tiny_model(run._log), ""
+    if model_id in BUILTIN_MODELS:
+        return ensure_tiny_model(run._log, name=BUILTIN_MODELS[model_id]), ""
     candidate = Path(model_id).expanduser()
     if not candidate.is_absolute():
         candidate = run.loaded.base_dir / candidate

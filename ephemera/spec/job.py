@@ -39,6 +39,9 @@ Precision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 # lifecycle on a machine without a GPU (see README: "Running without a GPU").
 BUILTIN_CPU_IMAGE = "ephemera/cpu"
 BUILTIN_TINY_MODEL = "ephemera/tiny-llama"
+BUILTIN_TINY_VL_MODEL = "ephemera/tiny-vl"
+# Built-in model ids and the tiny-model recipes that make them on this machine.
+BUILTIN_MODELS = {BUILTIN_TINY_MODEL: "tiny-llama", BUILTIN_TINY_VL_MODEL: "tiny-vl"}
 
 
 Duration = Annotated[
@@ -82,7 +85,8 @@ def _check_env(value: dict[str, str]) -> dict[str, str]:
 class ModelSpec(Strict):
     id: str = Field(min_length=1, description=(
         "Hugging Face repo id (org/name), a local directory holding config.json, "
-        f"or '{BUILTIN_TINY_MODEL}' (a tiny random model made on this machine)."))
+        f"or '{BUILTIN_TINY_MODEL}' / '{BUILTIN_TINY_VL_MODEL}' (tiny random models, text and "
+        "vision-language, made on this machine)."))
     precision: Precision = Field("bf16", description="Weights precision.")
     max_model_len: int = Field(4096, gt=0, le=10_000_000, description="Context length vLLM must serve.")
     revision: str | None = Field(None, description="Hugging Face revision (branch, tag or commit).")
@@ -138,9 +142,23 @@ class SuiteSpec(Strict):
     timeout: Duration = Field(default=parse_duration("30m"))
     image: str | None = Field(None, description="Run the suite in this image instead of the job's.")
     setup: list[str] = Field(default_factory=list, description="Commands run before the suite (e.g. pip install pytest).")
+    prepare: list[str] = Field(
+        default_factory=list, max_length=100, description=(
+            "Commands that need no server (installs, downloads): they run while vLLM starts, "
+            "in the suite's environment, before setup and the suite."))
+    prepare_timeout: Duration = Field(default=parse_duration("30m"), description=(
+        "How long suite.prepare may take (it starts with the server)."))
     env: dict[str, str] = Field(default_factory=dict)
 
     _env_names = field_validator("env")(_check_env)
+
+    @field_validator("prepare")
+    @classmethod
+    def _prepare_commands(cls, value: list[str]) -> list[str]:
+        for index, command in enumerate(value):
+            if not command.strip():
+                raise ValueError(f"command {index + 1} is empty: give a shell command or drop it")
+        return value
 
 
 class SSHTarget(Strict):
@@ -201,6 +219,24 @@ class ResourcesSpec(Strict):
     docker: DockerOptions = Field(default_factory=DockerOptions)
     aws: AWSOptions = Field(default_factory=AWSOptions)
     options: dict[str, Any] = Field(default_factory=dict, description="Options for third-party providers.")
+
+
+class CacheSpec(Strict):
+    weights: str | None = Field(None, max_length=1024, description=(
+        "Keep the Hugging Face cache (hub weights) across runs: 'auto' (the provider's own "
+        "place) or a location (a directory; on docker a host directory). Default: the "
+        "cache_weights setting; unset = off."))
+    compile: str | None = Field(None, max_length=1024, description=(
+        "Keep vLLM's and torch's compile caches across runs: 'auto' or a location (a Docker "
+        "volume name on docker, a directory elsewhere), one cache per key (model revision, "
+        "vLLM version, GPU type, compile arguments). Default: the cache_compile setting."))
+
+    @field_validator("weights", "compile")
+    @classmethod
+    def _location(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\0" in value or "\n" in value):
+            raise ValueError("give 'auto' or a location (a directory, or a Docker volume name)")
+        return value
 
 
 class ResultsSpec(Strict):
@@ -348,6 +384,7 @@ class Job(Strict):
         default_factory=dict, max_length=MAX_VARIANTS,
         description="A/B: named overrides, each deep-merged over the job (like tiers) and run.")
     compare: CompareSpec | None = Field(None, description="How the variants are placed and judged.")
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Caches kept across runs.")
 
     _env_names = field_validator("env")(_check_env)
 
