@@ -147,3 +147,11 @@ def test_the_example_ab_job(monkeypatch):
     assert (a.job.model.id, b.job.model.id) == ("Qwen/Qwen2-7B-Instruct", "Qwen/Qwen3-4B-Instruct-2507")
     assert a.job.benchmark == b.job.benchmark and a.job.suite == b.job.suite
     assert b.job.model.served_name == "llm" and a.compare.gates.e2e_p90_ratio_max == 1.1
+
+
+def test_validate_checks_each_variant_as_a_whole_job(tmp_path):
+    path = write(tmp_path, "  a: {}\n  b:\n    model:\n      precision: int3\n")
+    out = subprocess.run([sys.executable, "-m", "ephemera", "validate", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stdout
+    assert "ab.yaml:13:18: [variant b] model.precision:" in out.stderr

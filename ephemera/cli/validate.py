@@ -21,6 +21,10 @@ def command(job_file: str, tier: str | None, as_json: bool) -> None:
     from ephemera.spec.jobfile import load_job
 
     loaded = load_job(job_file, tier=tier)
+    if loaded.job.variants:
+        from ephemera.lifecycle.variants import load_variants
+
+        load_variants(loaded)   # each variant as a whole job, with its lines
     # Values taken from the environment (and secret-looking keys) are shown masked.
     merged = mask_data(loaded.job.model_dump(mode="json", exclude={"tiers"}), job_masker(loaded))
     if as_json:
