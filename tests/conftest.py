@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.fixtures.standin_targets",
     "tests.fixtures.slurm",
     "tests.fixtures.plugin",
+    "tests.fixtures.loopback_hub",
 ]
 
 

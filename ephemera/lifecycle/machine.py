@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
+from ephemera.lifecycle import caches, weights
 from ephemera.provider import Runs
 from ephemera.transport.container import ContainerRemote, prepare_host
 from ephemera.transport.remote import Remote
@@ -32,6 +34,9 @@ def connect(run: Run, image: str) -> Remote:
     remote = run.provider.connect(run.instance)
     if run.caps.runs is not Runs.MACHINE or image == "host":
         return remote
+    # The weights download on the host runs beside the image pull (after SSH: a gated
+    # model's token reaches the machine only through this channel).
+    downloading = weights.start_on_host(run, remote)
     with run.phase("image", image):
         docker, user = prepare_host(remote, run.workdir, f"{run.instance.id} ({run.provider_name})")
         network = run.caps.container_network
@@ -39,6 +44,9 @@ def connect(run: Run, image: str) -> Remote:
         container = ContainerRemote(remote, f"ephemera-{run.run_id}", run.workdir, run.run_id,
                                     docker=docker, user=user, network=network,
                                     port=run.server_port() if network == "bridge" else None)
+        container.mounts = weights.host_mounts(run, downloading) + caches.host_mounts(run)
+        # Made by the login user before Docker would make them as root.
+        remote.run("mkdir -p " + " ".join(shlex.quote(d) for d in container.mounts), timeout=60)
         expires_at = run.state.expires_at if run.state else datetime.now(UTC) + timedelta(hours=1)
         container.start_container(image, gpus=run.offer.gpu_count if run.offer else 0,
                                   expires_at=expires_at, timeout=run._time_left("image"),

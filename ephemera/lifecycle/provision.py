@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ephemera.lifecycle import caches, weights
 from ephemera.transport.ssh import generate_keypair
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,6 +94,9 @@ def launch_spec(run: Run, offer: Offer, image: str, public_key: str | None,
     labels.update({k: v for k, v in run.job.resources.tags.items() if k not in labels})
     tp = run.plan.tensor_parallel_size if run.plan is not None else 1
     options = run.job.resources.model_dump(mode="json")
+    mounts = weights.docker_mounts(run) + [v for v in [caches.docker_volume(run)] if v]
+    if mounts:   # the docker provider's bind mounts and volumes (hub and compile caches)
+        options["docker"] = {**options.get("docker", {}), "mounts": mounts}
     return LaunchSpec(
         run_id=run.run_id, job_name=run.job.name, offer=offer, image=image, labels=labels,
         expires_at=expires_at, ssh_public_key=public_key, ssh_private_key_path=private_key,

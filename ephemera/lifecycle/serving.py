@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ephemera.errors import (
     ServerFailedError,
 )
+from ephemera.lifecycle import weights
 from ephemera.lifecycle.faults import fault_point
 from ephemera.lifecycle.server import (
     DEFAULT_PORT,
@@ -34,7 +35,7 @@ HEALTH_PROGRESS_SECONDS = 3.0  # vLLM's last log line, while waiting for it
 
 
 def server_env(run: Run) -> dict[str, str]:
-    env = {**run.job.env, **run.job.server.env}
+    env = {**weights.server_env(run), **run.cache_env, **run.job.env, **run.job.server.env}
     if run.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
@@ -86,7 +87,7 @@ def server_log_tail(run: Run, lines: int = SERVER_LOG_TAIL) -> str:
 def startup_note(run: Run) -> str:
     """vLLM's last log line, and the bytes of weights downloaded so far (hub models)."""
     assert run.remote is not None and run.server_cmd is not None
-    hub = "" if f"{run.workdir}/model" in run.server_cmd.argv else (
+    hub = "" if any("/.models/" in a or "/snapshots/" in a for a in run.server_cmd.argv) else (
         '; du -sb "${HF_HOME:-$HOME/.cache/huggingface}" 2>/dev/null | cut -f1')
     try:
         result = run.remote.run(f"tail -n 1 {shlex.quote(run.workdir)}/logs/vllm.log{hub}",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ephemera import errors
+from ephemera.lifecycle import caches
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
@@ -35,7 +36,6 @@ def upload(run: Run, model_dir: Path | None) -> str:
                                             f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
         for local, target in uploads:
             run.remote.put(local, target, timeout=run._time_left("upload"))
-        if model_dir is not None:
-            run.remote.put(model_dir, f"{wd}/model", timeout=run._time_left("upload"))
-            return f"{wd}/model"
+        if model_dir is not None:   # at a path fixed by its content, shared by runs
+            return caches.upload_model(run, model_dir, run._host_remote(), run._time_left("upload"))
     return ""

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     owner: str = Field(default_factory=_default_owner, description="Written into every instance's owner label.")
     expiry_grace_seconds: float = Field(default=300.0, ge=0, le=MAX_GRACE_SECONDS, description=(
         "How long past the job's deadline an instance may live before its dead-man switch ends it."))
+    cache_weights: str | None = Field(default=None, description=(
+        "Default for a job's cache.weights: 'auto' or a directory for the Hugging Face cache."))
+    cache_compile: str | None = Field(default=None, description=(
+        "Default for a job's cache.compile: 'auto', a directory, or a Docker volume name (docker)."))
+    hub_python: str = Field(default="python3", description=(
+        "Python with huggingface_hub on ssh/aws/slurm hosts for the weights download "
+        "(without it the host gets a virtualenv of its own, else vLLM downloads)."))
     # AWS
     aws_region: str | None = Field(default=None, description="Default AWS region (else the AWS chain's).")
     aws_regions: list[str] = Field(default_factory=list, description="Regions to search/reap.")

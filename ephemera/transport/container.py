@@ -98,6 +98,7 @@ class ContainerRemote(ShellRemote):
         self.network = network
         self.port = port
         self.read_only: list[str] = []
+        self.mounts: list[str] = []   # host directories mounted at the same path (caches)
 
     def isolation_flags(self) -> str:
         """Network, IPC and the read-only bookkeeping mounts of the run's containers."""
@@ -117,7 +118,8 @@ class ContainerRemote(ShellRemote):
         return network + self.bookkeeping_mounts()
 
     def bookkeeping_mounts(self) -> str:
-        return "".join(
+        caches = "".join(f"-v {shlex.quote(f'{d}:{d}')} " for d in self.mounts)
+        return caches + "".join(
             f"--mount {shlex.quote(f'type=bind,src={self.workdir}/{f},dst={self.workdir}/{f},readonly')} "
             for f in self.read_only)
 
