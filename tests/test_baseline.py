@@ -57,7 +57,7 @@ def test_a_version_2_history_is_migrated_and_its_rows_stay_readable(tmp_path):
     row = history.get_run("old-run", path=db)
     assert row["status"] == "passed" and row["branch"] == ""
     (version,) = sqlite3.connect(db).execute("PRAGMA user_version").fetchone()
-    assert version == 3
+    assert version == history.SCHEMA_VERSION
     assert judgements.get_judgement("old-run", path=db)["results"] == {}
 
 

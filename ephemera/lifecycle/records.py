@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ephemera.lifecycle.phase_times import phase_rows
 from ephemera.sizing.plan import Plan
 
 
@@ -48,6 +49,7 @@ class RunResult:
     server_command: str | None = None
     suite_command: str | None = None
     judgement: dict[str, Any] | None = None   # results, benchmark, gates (ephemera.results.gates)
+    started_at: datetime | None = None        # the run's start: phases' start offsets count from it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,7 +63,7 @@ class RunResult:
             "region": self.region,
             "artifacts_dir": self.artifacts_dir,
             "message": self.message,
-            "phases": [{"name": p.name, "seconds": round(p.seconds, 3), "ok": p.ok} for p in self.phases],
+            "phases": phase_rows(self.phases, self.started_at),
             "cost": self.cost,
             "teardown_verified": self.teardown_verified,
             "server_command": self.server_command,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ephemera.errors import (
     ServerFailedError,
 )
-from ephemera.lifecycle import weights
+from ephemera.lifecycle import suite_prepare, weights
 from ephemera.lifecycle.faults import fault_point
 from ephemera.lifecycle.server import (
     DEFAULT_PORT,
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SERVER_LOG_TAIL = 50
 HEALTH_POLL_SECONDS = 0.25  # readiness is noticed within a quarter of a second
 HEALTH_PROGRESS_SECONDS = 3.0  # vLLM's last log line, while waiting for it
+PREPARE_POLL_SECONDS = 1.0  # how often the health wait looks at suite.prepare
 
 
 
@@ -55,6 +56,7 @@ def start_server(run: Run, model_path: str) -> None:
         run.server_handle = run.remote.start(run._with_path(run.server_cmd.shell),
                                                env=run.server_env(), cwd=run.workdir,
                                                log_file=f"{run.workdir}/logs/vllm.log")
+    suite_prepare.start(run)  # suite.prepare runs during the health wait
 
 
 def choose_port(run: Run) -> int:
@@ -108,6 +110,7 @@ def wait_healthy(run: Run) -> None:
         base = f"http://127.0.0.1:{local_port}"
         run.base_url = base
         next_alive_check = 0.0
+        next_prepare_check = time.monotonic() + PREPARE_POLL_SECONDS
         next_progress = time.monotonic() + HEALTH_PROGRESS_SECONDS
         last_detail = ""
         fault_point("health")
@@ -121,6 +124,9 @@ def wait_healthy(run: Run) -> None:
             if now >= next_progress:
                 next_progress = now + HEALTH_PROGRESS_SECONDS
                 run.reporter.progress(run._startup_note())
+            if now >= next_prepare_check:
+                suite_prepare.poll(run)
+                next_prepare_check = now + PREPARE_POLL_SECONDS
             if now >= next_alive_check:
                 if not run.remote.is_running(run.server_handle):
                     tail = run._server_log_tail()

@@ -33,31 +33,35 @@ def suite_command(run: Run) -> str:
     return " && ".join(f"( {p} )" if len(parts) > 1 else p for p in parts)
 
 
+def suite_place(run: Run, command: str, name: str) -> tuple[Remote, str, str | None, str]:
+    """Where a command of the suite runs: (channel, command, cwd, docker command). In the
+    job's image (or on the machine) as it is; with ``suite.image`` as a sibling container
+    ``ephemera-<run id>-<name>`` on the machine's Docker, sharing the run directory and
+    the host network (so the server is on 127.0.0.1)."""
+    assert run.remote is not None
+    cwd = f"{run.workdir}/suite"
+    if not run.job.suite.image:
+        return run.remote, command, cwd, ""
+    container = run.remote if isinstance(run.remote, ContainerRemote) else None
+    env = run.suite_env()
+    names = " ".join(f"-e {k}" for k in env)
+    wd = shlex.quote(run.workdir)
+    docker = container.docker_for(env) if container else "docker"
+    user = container.user_flags() if container else ""
+    network = container.sibling_flags() if container else "--network host "
+    command = (f"{docker} run --rm --name ephemera-{run.run_id}-{name} {network}"
+               "--security-opt no-new-privileges "
+               f"--label dev.ephemera.run-id={run.run_id} {user}{names} -v {wd}:{wd} "
+               f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(run.job.suite.image)} "
+               f"-c {shlex.quote(command)}")
+    return run._host_remote(), command, None, docker
+
+
 def run_suite(run: Run) -> int:
     assert run.remote is not None
     deadline, seconds, by_job = run.phase_deadline("suite", run.job.suite.timeout)
-    command = run.suite_command()
     run.artifacts_dir.mkdir(parents=True, exist_ok=True)
-    remote: Remote = run.remote
-    cwd: str | None = f"{run.workdir}/suite"
-    if run.job.suite.image:
-        # Its own image, as a sibling container on the machine's Docker, sharing the
-        # run directory and the host network (so the server is on 127.0.0.1).
-
-        container = run.remote if isinstance(run.remote, ContainerRemote) else None
-        remote = run._host_remote()
-        env = run.suite_env()
-        names = " ".join(f"-e {k}" for k in env)
-        wd = shlex.quote(run.workdir)
-        docker = container.docker_for(env) if container else "docker"
-        user = container.user_flags() if container else ""
-        network = container.sibling_flags() if container else "--network host "
-        command = (f"{docker} run --rm --name ephemera-{run.run_id}-suite {network}"
-                   "--security-opt no-new-privileges "
-                   f"--label dev.ephemera.run-id={run.run_id} {user}{names} -v {wd}:{wd} "
-                   f"-w {shlex.quote(cwd)} --entrypoint sh {shlex.quote(run.job.suite.image)} "
-                   f"-c {shlex.quote(command)}")
-        cwd = None
+    remote, command, cwd, docker = suite_place(run, run.suite_command(), "suite")
     with run.phase("suite", run.job.suite.command):
         with run.reporter.group(f"suite output ({run.job.suite.command})"):
             result = remote.run(

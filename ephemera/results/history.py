@@ -27,7 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -37,7 +37,7 @@ from ephemera.provider import parse_time
 from ephemera.results.cost import CostReport
 from ephemera.spec.settings import get_settings
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 10_000
 WRITE_ATTEMPTS = 8
 
@@ -98,6 +98,9 @@ _MIGRATIONS = {
         "gate TEXT NOT NULL, grp TEXT, value REAL, bound REAL, baseline REAL, "
         "passed INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (run_id, seq))",
         "CREATE INDEX IF NOT EXISTS runs_job_branch ON runs (job, branch, started_at)"),
+    # Version 4: when each phase started (seconds from the run's start), beside `phases`
+    # (their lengths), so overlapping phases show; older rows read as {}.
+    4: ("ALTER TABLE runs ADD COLUMN phase_starts TEXT NOT NULL DEFAULT '{}'",),
 }
 
 T = TypeVar("T")
@@ -130,6 +133,7 @@ class RunRecord:
     launched_at: datetime | None = None
     ended_at: datetime | None = None   # verified termination; None while unknown
     termination_verified: bool = False
+    phase_starts: dict[str, float] = field(default_factory=dict)  # phase name -> start offset
 
     @classmethod
     def from_report(cls, report: CostReport, *, status: str | None = None,
@@ -161,6 +165,7 @@ class RunRecord:
             launched_at=parse_time(report.launched_at) if report.launched_at else None,
             ended_at=parse_time(report.terminated_at) if verified else None,
             termination_verified=verified,
+            phase_starts=phase_starts(report),
         )
 
     def _row(self, source: str) -> tuple:
@@ -177,13 +182,24 @@ class RunRecord:
             self.launched_at.timestamp() if self.launched_at else None,
             self.ended_at.timestamp() if self.ended_at else None,
             int(self.termination_verified),
+            json.dumps(self.phase_starts, sort_keys=True),
         )
+
+
+def phase_starts(report: CostReport) -> dict[str, float]:
+    """Each phase's start in seconds from the run's start (its first phase)."""
+    origin = parse_time(report.started_at) if report.started_at else None
+    out: dict[str, float] = {}
+    for phase in report.phases:
+        if origin is not None and phase.started_at:
+            out[phase.name] = round((parse_time(phase.started_at) - origin).total_seconds(), 3)
+    return out
 
 
 _COLUMNS = ("run_id, job, tier, model, provider, instance_type, region, spot, status, "
             "exit_code, started_at, duration_seconds, billed_seconds, price_per_hour, cost_usd, "
             "estimated_cost_usd, phases, commit_sha, ci_run_id, repository, source, recorded_at, "
-            "launched_at, ended_at, termination_verified")
+            "launched_at, ended_at, termination_verified, phase_starts")
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(", ")))
 
 
@@ -434,11 +450,12 @@ def get_run(run_id: str, *, path: Path | None = None) -> dict | None:
         if row is None:
             return None
         data = dict(row)
-        try:
-            data["phases"] = json.loads(data["phases"])
-        except (TypeError, ValueError, RecursionError):
-            raise InfraError(f"history database {db}: run {run_id}: column 'phases' is not "
-                             "JSON", hint="Move the file away to start a new history.") from None
+        for column in ("phases", "phase_starts"):
+            try:
+                data[column] = json.loads(data[column])
+            except (TypeError, ValueError, RecursionError):
+                raise InfraError(f"history database {db}: run {run_id}: column '{column}' is "
+                                 "not JSON", hint="Move the file away to start a new history.") from None
         return data
 
     return with_retry(db, work)
