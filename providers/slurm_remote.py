@@ -77,7 +77,8 @@ class SlurmTools:
         if self.login_host is None:
             return LoginShell(run_id=run_id)
         if self._ssh is None:
-            from ephemera.transport.ssh import HostKeyPin, SSHRemote
+            from ephemera.transport.ssh import HostKeyPin
+            from ephemera.transport.ssh_remote import SSHRemote
 
             settings = get_settings()
             target = login_target(self.login_host, str(settings.ssh_key) if settings.ssh_key else None)
@@ -88,8 +89,10 @@ class SlurmTools:
     def run(self, argv: list[str], timeout: float = TOOL_TIMEOUT) -> ToolResult:
         if self.login_host is None:
             try:
+                conf = get_settings().slurm_conf
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "SLURM_CONF": conf} if conf else None)
             except FileNotFoundError:
                 raise InfraError(f"{argv[0]} is not installed on this machine: the slurm provider "
                                  "needs Slurm's client tools (or set slurm_login_host)") from None
@@ -101,9 +104,13 @@ class SlurmTools:
     def _run_remote(self, argv: list[str], timeout: float) -> ToolResult:
         lines: list[str] = []
         # stdout as it is; stderr marked line by line; the tool's status on a line of its own.
-        line = (f"{{ {shlex.join(argv)} 2>&1 1>&3 3>&-; echo \"{RC_MARK}$?\" >&3; }} 3>&1 "
-                f"| sed 's/^/{ERR_MARK}/'")
-        result = self.shell().run(line, timeout=timeout, on_line=lines.append)
+        # fd 3 is the channel's stdout, set on the outer group so that it is not the pipe;
+        # the status goes on a line of its own even after output without a last newline.
+        line = (f"{{ {{ {shlex.join(argv)} 2>&1 1>&3 3>&-; printf '\\n{RC_MARK}%s\\n' \"$?\" >&3; }} "
+                f"| sed 's/^/{ERR_MARK}/'; }} 3>&1")
+        conf = get_settings().slurm_conf
+        result = self.shell().run(line, timeout=timeout, on_line=lines.append,
+                                  env={"SLURM_CONF": conf} if conf else None)
         if result.timed_out:
             raise InfraError(f"{argv[0]} on {self.login_host} did not answer within {timeout:.0f}s")
         out, err, code = [], [], None

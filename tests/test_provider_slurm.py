@@ -183,3 +183,26 @@ def test_reap_cancels_expired_jobs_and_nothing_else(provider, slurm_cluster):
         subprocess.run(["scancel", other], timeout=30)
         provider.terminate(live)
         provider.terminate(expired)
+
+
+@pytest.mark.timeout(180)
+def test_slurms_tools_run_on_a_login_host_over_ssh(slurm_cluster, sshd, tmp_path, monkeypatch):
+    """slurm_login_host: sinfo and sbatch run on the login node through the SSH layer
+    (here the session's sshd in front of the test cluster), with the pinned host key."""
+    from ephemera_providers.slurm import SlurmProvider
+
+    from ephemera.spec.settings import reset_settings
+
+    monkeypatch.setenv("EPHEMERA_SLURM_LOGIN_HOST", f"{sshd.user}@{sshd.host}:{sshd.port}")
+    monkeypatch.setenv("EPHEMERA_SSH_KEY", sshd.key_path)
+    monkeypatch.setenv("EPHEMERA_SLURM_CONF", str(slurm_cluster.conf))
+    monkeypatch.setenv("EPHEMERA_SLURM_WORKROOT", str(tmp_path / "slurm-runs"))
+    monkeypatch.delenv("SLURM_CONF", raising=False)   # only the setting carries it
+    reset_settings()
+    provider = SlurmProvider()
+    p = slurm_cluster.partition
+    assert {o.instance_type for o in provider.offers(OfferRequest())} == {
+        f"{p}:cpu", f"{p}:gpu:l4:1", f"{p}:gpu:l4:2"}
+    with pytest.raises(ConfigError, match="Requested node configuration is not available"):
+        provider.launch(_spec(provider, 3))
+    assert provider.find({"owner": "slurm-tests"}) == []

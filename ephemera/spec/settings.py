@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     # Slurm provider
     slurm_login_host: str | None = Field(default=None, description=(
         "user@host[:port] of the login node to run Slurm's tools on over SSH (default: here)."))
+    slurm_conf: str | None = Field(default=None, description=(
+        "slurm.conf for Slurm's tools on the login side (SLURM_CONF), when not the default."))
     slurm_partition: str | None = Field(default=None, description="Partition to submit to (default: the cluster's).")
     slurm_account: str | None = Field(default=None, description="Account to charge (sbatch --account).")
     slurm_qos: str | None = Field(default=None, description="Quality of service (sbatch --qos).")
