@@ -47,6 +47,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
+from ephemera_providers.aws_bake import Baking
 from ephemera_providers.aws_common import (
     TAG_PREFIX,
     bad_answer,
@@ -116,7 +117,8 @@ def _check_config() -> Any:
     return Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1})
 
 
-class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, ConsoleHostKeys):
+class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, ConsoleHostKeys,
+                  Baking):
     """EC2 instances through boto3 (imported lazily; the credentials chain is AWS's own)."""
 
     name: ClassVar[str] = "aws"

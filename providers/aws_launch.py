@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ephemera_providers.aws_bake import BAKED_SLACK_GIB, INIT_RATE_MIB_S
 from ephemera_providers.aws_common import (
     Options,
     bad_answer,
@@ -24,7 +25,7 @@ from ephemera_providers.aws_errors import (
     classify_code,
 )
 from ephemera_providers.aws_failover import Attempt, wants_spot
-from ephemera_providers.aws_resources import SkipRegion
+from ephemera_providers.aws_resources import SkipRegion, baked_image_id
 from ephemera_providers.aws_userdata import user_data
 
 from ephemera.errors import EphemeraError
@@ -123,11 +124,13 @@ class Launching:
     def _launch_in_region(self, spec: LaunchSpec, opts: Options, region: str, markets: list[str],
                           created: dict[str, str], attempt: Attempt) -> Instance | None:
         ami = self._resolve_ami(region, opts)
+        baked = ami == baked_image_id(opts, region)
         root_device, image_gib = self._image_root(region, ami)
         subnets, vpc_id = self._subnets(region, spec.offer.instance_type, opts, attempt.failures)
         key_name = self._ensure_key(region, spec, opts, created)
         group_id = self._ensure_group(region, spec, opts, vpc_id, created)
-        disk_gib = root_volume_gib(spec.disk_gib, image_gib)
+        # A baked AMI's disk already holds the image and the model: only slack on top.
+        disk_gib = image_gib + BAKED_SLACK_GIB if baked else root_volume_gib(spec.disk_gib, image_gib)
         labels = self._labels(spec, opts)
         for market in markets:
             if market == "spot" and self.spot_unavailable:
@@ -135,6 +138,8 @@ class Launching:
             for subnet in subnets:
                 params = self._run_params(spec, opts, ami, root_device, disk_gib, key_name,
                                           group_id, subnet, market, labels, region)
+                if baked:   # filled from S3 at this rate, not at the pace of first reads
+                    params["BlockDeviceMappings"][0]["Ebs"]["VolumeInitializationRate"] = INIT_RATE_MIB_S
                 try:
                     reply = self._call_raw("ec2", region, "run_instances", **params)
                 except Exception as exc:  # noqa: BLE001 - sorted by _after_failure
@@ -148,6 +153,7 @@ class Launching:
                 data = {
                     "region": region,
                     "ami": ami,
+                    "baked": "1" if baked else "",
                     "subnet_id": subnet,
                     "key_name": key_name,
                     "key_owned": "1" if created.get("key_name") else "",
@@ -182,7 +188,7 @@ class Launching:
             "MaxCount": 1,
             "KeyName": key_name,
             "UserData": user_data(spec.run_id, spec.expires_at,
-                                  str(opts.get("ssh_user") or "ubuntu")),
+                                  str(opts.get("ssh_user") or "ubuntu"), spec.image),
             "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
                                 "HttpPutResponseHopLimit": 1},

@@ -38,6 +38,15 @@ MAX_VOLUME_GIB = 65536
 DEVICE_NAME = re.compile(r"/dev/[a-z0-9]{1,32}")
 
 
+def baked_image_id(opts: Options, region: str) -> str | None:
+    """The baked AMI the plan chose (``machine_image`` in the launch options), when it is
+    in ``region`` (an AMI id is valid in its own region only)."""
+    image = opts.get("machine_image")
+    if isinstance(image, Mapping) and image.get("region") == region and image.get("id"):
+        return str(image["id"])
+    return None
+
+
 class SkipRegion(Exception):
     """Internal: stop trying this region (quota, no subnet, refused offer), go on with
     the next one. The reason is already in the launch's list of failures."""
@@ -69,7 +78,9 @@ class LaunchResources:
         return labels
 
     def _resolve_ami(self, region: str, opts: Options) -> str:
-        ami = opts.get("ami") or self.settings.aws_ami
+        """The job's AMI, else the plan's baked AMI in this region, else the setting's,
+        else AWS's Deep Learning Base GPU AMI."""
+        ami = opts.get("ami") or baked_image_id(opts, region) or self.settings.aws_ami
         if ami:
             return str(ami)
         from botocore.exceptions import ClientError

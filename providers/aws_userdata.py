@@ -12,6 +12,13 @@ every 20 seconds and also survives a reboot.
 
 It also puts the SSH login user (``ubuntu`` on the default AMI) in the ``docker``
 group, which the AMI does not promise: the job's image runs through that Docker.
+
+Given the job's image, it starts pulling it at boot (a transient systemd unit,
+``ephemera-boot-pull``), so the pull runs while ephemera is still waiting for SSH. Its
+log and exit status go to ``BOOT_DIR``. The image phase's own ``docker pull`` of the same
+image then attaches to the layer downloads already in flight in dockerd (dockerd shares a
+layer's transfer between pulls) or finds the image present; when the boot pull failed or
+never ran, that pull simply does the work, so nothing depends on the boot pull.
 """
 
 from __future__ import annotations
@@ -21,8 +28,30 @@ from datetime import datetime
 
 from ephemera.provider import format_time
 
+DEADMAN_UNIT = "/etc/systemd/system/ephemera-deadman.service"
+DEADMAN_SCRIPT = "/usr/local/sbin/ephemera-deadman"
+BOOT_DIR = "/var/lib/ephemera"
+# Transient unit names of what starts at boot.
+BOOT_PULL_UNIT = "ephemera-boot-pull"
 
-def user_data(run_id: str, expires_at: datetime, login_user: str = "ubuntu") -> str:
+
+def boot_pull(image: str) -> str:
+    """The user-data step that starts pulling ``image`` now, detached from cloud-init (a
+    transient unit; ``nohup`` where systemd-run is missing). Writes ``BOOT_DIR``/pull.image,
+    pull.log and, when done, pull.rc."""
+    q = shlex.quote(image)
+    pull = shlex.quote(f"docker pull {q} > {BOOT_DIR}/pull.log 2>&1; echo $? > {BOOT_DIR}/pull.rc")
+    return f"""
+# 5. Start pulling the job's image now; ephemera's own pull joins it or finds it done.
+mkdir -p {BOOT_DIR}
+printf '%s\\n' {q} > {BOOT_DIR}/pull.image
+systemd-run --unit {BOOT_PULL_UNIT} --no-block -p After=docker.service sh -c {pull} \\
+    || nohup sh -c {pull} >/dev/null 2>&1 &
+"""
+
+
+def user_data(run_id: str, expires_at: datetime, login_user: str = "ubuntu",
+              image: str | None = None) -> str:
     epoch = int(expires_at.timestamp())
     stamp = format_time(expires_at)
     user = shlex.quote(login_user)
@@ -41,18 +70,18 @@ else
 fi
 
 # 2. The same deadline as a service, checked every 20 s and restarted on reboot.
-cat > /usr/local/sbin/ephemera-deadman <<EOF
+cat > {DEADMAN_SCRIPT} <<EOF
 #!/bin/sh
 while [ "\\$(date +%s)" -lt $EXPIRES_AT ]; do sleep 20; done
 shutdown -h now "ephemera: run {run_id} expired" || systemctl poweroff
 EOF
-chmod 0755 /usr/local/sbin/ephemera-deadman
-cat > /etc/systemd/system/ephemera-deadman.service <<EOF
+chmod 0755 {DEADMAN_SCRIPT}
+cat > {DEADMAN_UNIT} <<EOF
 [Unit]
 Description=ephemera dead-man switch (power off at {stamp})
 
 [Service]
-ExecStart=/usr/local/sbin/ephemera-deadman
+ExecStart={DEADMAN_SCRIPT}
 Restart=always
 
 [Install]
@@ -69,4 +98,4 @@ if id -u {user} >/dev/null 2>&1; then
     getent group docker >/dev/null || groupadd docker
     usermod -aG docker {user} || true
 fi
-"""
+""" + (boot_pull(image) if image and image != "host" else "")

@@ -33,6 +33,7 @@ COMMANDS = {
     "model": "model",
     "catalog": "catalog",
     "env": "cpu_env",
+    "bake": "bake",
 }
 
 

@@ -94,6 +94,8 @@ def launch_spec(run: Run, offer: Offer, image: str, public_key: str | None,
     labels.update({k: v for k, v in run.job.resources.tags.items() if k not in labels})
     tp = run.plan.tensor_parallel_size if run.plan is not None else 1
     options = run.job.resources.model_dump(mode="json")
+    if run.plan is not None and run.plan.machine_image:   # a baked image the plan found
+        options["machine_image"] = dict(run.plan.machine_image)
     mounts = weights.docker_mounts(run) + [v for v in [caches.docker_volume(run)] if v]
     if mounts:   # the docker provider's bind mounts and volumes (hub and compile caches)
         options["docker"] = {**options.get("docker", {}), "mounts": mounts}

@@ -95,6 +95,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     disk_gib: int = DISK_FLOOR_GIB   # disk for the image and the model (see disk_gib_for)
     checkpoint_gib: float = 0.0      # the model's files
+    # A machine image made for this job (``ephemera bake``) in the offer's region: id,
+    # region, key, name, created. Passed to the launch, which boots from it.
+    machine_image: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +114,7 @@ class Plan:
             "notes": list(self.notes),
             "disk_gib": self.disk_gib,
             "checkpoint_gib": round(self.checkpoint_gib, 3),
+            "machine_image": self.machine_image,
         }
 
 
@@ -385,9 +389,35 @@ def offers_for_job(job: Job, *, catalog: Path | None = None,
 
 
 def plan_job(job: Job, *, catalog: Path | None = None, provider_name: str | None = None) -> Plan:
-    """offers_for_job + make_plan: the one call ``plan`` and ``run`` share."""
+    """offers_for_job + make_plan: the one call ``plan`` and ``run`` share. Without a
+    catalog file, a machine image baked for the job (``ephemera bake``) in the chosen
+    offer's region is looked up and named in the plan."""
     offers = offers_for_job(job, catalog=catalog, provider_name=provider_name)
     provider = provider_name or job.resources.provider
     if catalog is None and provider is None:
         provider = get_settings().default_provider
-    return make_plan(job, offers, provider=provider)
+    plan = make_plan(job, offers, provider=provider)
+    if catalog is None:
+        add_machine_image(job, plan)
+    return plan
+
+
+def add_machine_image(job: Job, plan: Plan) -> None:
+    """Name a baked machine image for ``job`` in the plan, when the offer's provider
+    keeps them (``machine_image_for``) and has one. A failed lookup is a note, never a
+    failed plan: the run then boots the provider's usual image."""
+    from ephemera.registry import get_provider
+
+    finder = getattr(get_provider(plan.offer.provider), "machine_image_for", None)
+    if finder is None:
+        return
+    try:
+        image = finder(job, plan.offer)
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up
+        plan.notes.append(f"baked images were not looked up ({type(exc).__name__}: {exc})")
+        return
+    if image:
+        plan.machine_image = image
+        plan.notes.append(f"boots the baked image {image['id']} ({image['region']}, made "
+                          f"{image.get('created') or '?'}, key {image.get('key')}): the job's "
+                          "image and model are already on its disk")
