@@ -26,6 +26,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ephemera.errors import ConfigError, RemoteCommandError
 from ephemera.provider import Runs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,8 +126,6 @@ def docker_volume(run: Run) -> str | None:
         return None
     name = DEFAULT_VOLUME if location == "auto" else location
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        from ephemera.errors import ConfigError
-
         raise ConfigError(f"cache.compile: '{name}' is not a Docker volume name (letters, digits, "
                           "'_', '.', '-') for the docker provider")
     return f"{name}:{COMPILE_MOUNT}:rw"
@@ -202,8 +201,6 @@ def upload_model(run: Run, model_dir: Path, host: Remote, timeout: float) -> str
     done = host.run(f"touch {p}/{COMPLETE_MARK} && {{ mv -T {p} {q} 2>/dev/null || rm -rf {p}; }}",
                     timeout=120)
     if not done.ok:
-        from ephemera.errors import RemoteCommandError
-
         raise RemoteCommandError(f"could not put the model at {target}: {done.output_tail.strip()[-300:]}",
                                  exit_status=done.exit_status)
     return target

@@ -141,9 +141,7 @@ def docker_mounts(run: Run) -> list[str]:
 def start_on_host(run: Run, host: Remote) -> WeightsJob | None:
     """A machine that runs the image through its own Docker: a detached download on the
     host, into a cache directory the container mounts at the same path."""
-    from ephemera.lifecycle.prepare import model_source
-
-    _, hub_id = model_source(run)
+    _, hub_id = run._model_source()
     if not hub_id or run.caps.runs is not Runs.MACHINE or run.job.image == "host":
         return None
     location = _location(run)
@@ -176,9 +174,7 @@ def start_on_host(run: Run, host: Remote) -> WeightsJob | None:
 
 
 def _wait_host(run: Run, job: WeightsJob, deadline: float) -> None:
-    from ephemera.lifecycle.machine import host_remote
-
-    host = host_remote(run)
+    host = run._host_remote()
     while job.handle and host.is_running(job.handle):
         if time.monotonic() > deadline:
             job.result["error"] = "the download did not finish in time"
