@@ -140,3 +140,91 @@ def test_sigint_with_a_frozen_peer_terminates_the_instance_at_once(aws_target, s
     assert ended < 9, f"TerminateInstances went out {ended:.1f}s after SIGINT:\n{run.stderr[-3000:]}"
     assert code == 130 and result["status"] == "interrupted", run.stderr[-3000:]
     assert aws_target.leftovers(run_id) == []
+
+
+# ---------------------------------------------------------------------- ephemera bake
+
+# Where SIGKILL lands in a bake run (aws on moto): its run's steps, then the bake's own
+# (documented in ephemera/cli/bake.py), then its teardown.
+BAKE_KILL_POINTS = ["state-launching", "provider.launch", "state-active", "boot", "health",
+                    "bake.clean", "bake.stopped", "bake.image", "teardown", "terminated"]
+BAKE_RAISE_POINTS = ["provider.launch", "provider.poll", "bake.clean", "bake.stopped", "bake.image"]
+
+
+class BakeProcess(RunProcess):
+    """`ephemera bake JOB --json` in its own process group."""
+
+    def __init__(self, job, env, *args: str) -> None:
+        import subprocess
+
+        from tests.runlib import EPHEMERA
+
+        self.stdout_path = job.parent / f"{job.stem}.bake.stdout"
+        self.stderr_path = job.parent / f"{job.stem}.bake.stderr"
+        self._out = self.stdout_path.open("w")
+        self._err = self.stderr_path.open("w")
+        self.proc = subprocess.Popen([*EPHEMERA, "bake", str(job), "--json", *args],
+                                     stdout=self._out, stderr=self._err, env=env,
+                                     cwd=job.parent, start_new_session=True)
+
+
+def _bake_with_fault(target: Target, fault: str) -> tuple[int, dict | None, str, str]:
+    run = BakeProcess(target.job, {**target.env, "EPHEMERA_FAULT": fault}, *target.args)
+    code, result = run.finish(timeout=240)
+    return code, result, run.stderr, run.run_id()
+
+
+def _images_left_after_prune(target: Target, point: str) -> list[str]:
+    """A bake cut short leaves no image that a plan would boot (only complete ones are),
+    and `bake --prune` removes the unfinished ones with their snapshots."""
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name="us-west-2")
+    failures = []
+    for image in ec2.describe_images(Owners=["self"])["Images"]:
+        tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
+        if tags.get("ephemera:baked") == "complete" and point in BAKE_KILL_POINTS[:8]:
+            failures.append(f"{point}: image {image['ImageId']} marked complete by a cut-short bake")
+    pruned = ephemera("bake", "--prune", "--all", "--region", "us-west-2", env=target.env)
+    if pruned.returncode != 0:
+        failures.append(f"{point}: bake --prune exited {pruned.returncode}: {pruned.stderr[-800:]}")
+    snapshots = {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]
+                 if "CreateImage" in s.get("Description", "")}
+    left = [i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]]
+    if left or snapshots:
+        failures.append(f"{point}: left after bake --prune --all: {left} {sorted(snapshots)}")
+    return failures
+
+
+@pytest.mark.timeout(900)
+def test_bake_killed_at_every_step_then_down_leaves_nothing(aws_target):
+    failures = []
+    for point in BAKE_KILL_POINTS:
+        code, result, stderr, run_id = _bake_with_fault(aws_target, point)
+        if code != -signal.SIGKILL:
+            failures.append(f"{point}: expected the bake to die by SIGKILL, exit {code}: {stderr[-1500:]}")
+            continue
+        failures += _down_all_leaves_nothing(aws_target, "aws_target", point, run_id)
+        failures += _images_left_after_prune(aws_target, point)
+    assert failures == [], "\n".join(failures)
+
+
+@pytest.mark.timeout(900)
+def test_bake_steps_failing_once_leave_nothing_and_no_image(aws_target):
+    failures = []
+    for point in BAKE_RAISE_POINTS:
+        code, result, stderr, run_id = _bake_with_fault(aws_target, f"{point}@raise")
+        if code < 0 or "Traceback" in stderr or "internal error" in stderr:
+            failures.append(f"{point}: the bake crashed (exit {code}): {stderr[-1500:]}")
+        elif point.startswith("bake.") and (code == 0 or (result or {}).get("image")):
+            failures.append(f"{point}: a failed bake step cannot give an image (exit {code})")
+        failures += _down_all_leaves_nothing(aws_target, "aws_target", point, run_id)
+        failures += _images_left_after_prune(aws_target, point)
+    assert failures == [], "\n".join(failures)
+
+
+def test_bake_fault_points_are_named_where_the_bake_is():
+    from ephemera.cli import bake
+
+    for point in {*BAKE_KILL_POINTS, *BAKE_RAISE_POINTS} - {*KILL_POINTS, *RAISE_POINTS}:
+        assert point in (bake.__doc__ or ""), f"{point} is not documented in ephemera/cli/bake.py"

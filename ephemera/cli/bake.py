@@ -103,9 +103,7 @@ def _bake(job_file: str, tier: str | None, catalog: Path | None, as_json: bool) 
     if job.provider_name(settings.default_provider) != "aws":
         raise ConfigError("bake: machine images are made on the aws provider only "
                           "(resources.provider: aws).")
-    # On-demand: a one-time spot instance cannot be stopped, and stopping comes first.
-    resources = job.resources.model_copy(update={"spot": False})
-    loaded = replace(loaded, job=job.model_copy(update={"resources": resources}))
+    loaded = replace(loaded, job=bake_job(job))
     run = _bake_run_class()(loaded, settings=settings, reporter=Reporter(), catalog=catalog)
     result = run.execute()
     if as_json:
@@ -115,6 +113,19 @@ def _bake(job_file: str, tier: str | None, catalog: Path | None, as_json: bool) 
             if run.baked else "no image was made"
         click.echo(f"{result.status.upper()}: {made}; {result.message}", err=True)
     return result.exit_code if run.baked or result.exit_code else 3
+
+
+def bake_job(job: Any) -> Any:
+    """The job as the bake run runs it: on-demand (a one-time spot instance cannot be
+    stopped), no suite preparation or benchmark, and the weights and compile caches in
+    the provider's own place outside the run directory ('auto', unless the job names
+    one), so they stay on the disk when the run directory is removed."""
+    resources = job.resources.model_copy(update={"spot": False})
+    cache = job.cache.model_copy(update={"weights": job.cache.weights or "auto",
+                                         "compile": job.cache.compile or "auto"})
+    suite = job.suite.model_copy(update={"prepare": []})
+    return job.model_copy(update={"resources": resources, "cache": cache, "suite": suite,
+                                  "benchmark": None})
 
 
 def _bake_run_class() -> type:
@@ -136,10 +147,8 @@ def _bake_run_class() -> type:
             plan.notes = [n for n in plan.notes if not n.startswith("boots the baked image")]
             return plan
 
-        def serve_and_test(self, model_dir: Path | None, hub_id: str) -> int:
-            uploaded = self.upload(model_dir)
-            self.start_server(uploaded or hub_id)
-            self.wait_healthy()
+        def run_suite(self) -> int:
+            """In place of the suite (vLLM is up: weights loaded, caches written)."""
             self.collect(budget=60.0)   # the server log, before the run directory goes
             self._collected = True
             with self.phase("bake"):
