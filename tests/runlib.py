@@ -111,7 +111,11 @@ def processes_of(run_id: str) -> list[tuple[int, str]]:
                 cwd = ""
         except OSError:
             continue
-        if run_id in cmdline or run_id in cwd:
+        try:   # the run's commands carry its id in their environment
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            environ = []
+        if run_id in cmdline or run_id in cwd or f"EPHEMERA_RUN_ID={run_id}".encode() in environ:
             found.append((int(entry), cmdline[:200]))
     return found
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.fixtures.standin_targets import end_vm_processes
 from tests.runlib import ephemera
 
 BAKE_REGION = "us-west-2"
@@ -25,8 +26,13 @@ def _ec2(region: str = BAKE_REGION):
 def _bake(target, *extra: str):
     done = ephemera("bake", str(target.job), "--catalog", target.args[1], "--json", *extra,
                     env=target.env, timeout=240)
+    result = json.loads(done.stdout) if done.stdout.strip() else {}
+    # The "VM" is this machine: what stopping and terminating it would end, the test ends
+    # (else the bake's server keeps the port the next aws test's server needs).
+    if result.get("run_id"):
+        end_vm_processes(result["run_id"])
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    return result
 
 
 def _snapshot_ids(region: str = BAKE_REGION) -> set[str]:

@@ -272,9 +272,11 @@ def test_local_model_errors_name_the_file(tmp_path):
 
 
 def test_hub_unreachable_is_a_transient_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Imported before the variable is set: the library reads it once, at import, and
+    # the value monkeypatch puts back afterwards must be the one other tests had.
     import huggingface_hub.constants as c
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("EPHEMERA_CACHE_DIR", str(tmp_path / "cache"))
     from ephemera.spec.settings import reset_settings

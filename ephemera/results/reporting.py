@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from ephemera.results import history
 from ephemera.results.cost import PhaseTiming, billed_terms, compute_cost, write_cost_files
-from ephemera.results.history import RunRecord, record_run
 from ephemera.results.summary import append_step_summary, junit_in, step_summary_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,7 +81,7 @@ def write_reports(run: Run, result: RunResult) -> dict[str, Any] | None:
     out = report.to_dict()
     with signals_held(run.reporter.warn):
         try:
-            record_run(RunRecord.from_report(report), path=run.settings.history_path)
+            history.record_run(history.RunRecord.from_report(report), path=run.settings.history_path)
         except Exception as exc:  # noqa: BLE001 - the history is not worth failing a run over
             run.reporter.warn(f"could not record the run in the history "
                               f"({run.settings.history_path}): {exc}")
