@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ephemera.errors import ConfigError, PhaseTimeoutError, RemoteCommandError
-from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, inside
+from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, env_masker, inside
 
 TAIL_LINES = 60
 GLOB_CHARS = set("*?[]")
-MASK = "***"
 
 # Runs inside the container as ``sh -c WRAPPER COMMAND PIDFILE CWD``: records the
 # group id, runs the command in a child shell (same group), removes the file. stderr
@@ -36,20 +35,6 @@ WRAPPER = (
     'if [ -n "$2" ]; then cd "$2" || { rm -f "$1"; exit 125; }; fi; '
     'sh -c "$0"; rc=$?; rm -f "$1"; exit $rc'
 )
-
-
-def masker(env: Mapping[str, str] | None):
-    """A function that hides environment values (4 characters or more) in a line, so
-    a command that echoes a secret does not write it to the console or a log."""
-    values = sorted({str(v) for v in (env or {}).values() if len(str(v)) >= 4},
-                    key=len, reverse=True)
-
-    def mask(line: str) -> str:
-        for value in values:
-            line = line.replace(value, MASK)
-        return line
-
-    return mask
 
 
 def glob_quote(pattern: str) -> str:
@@ -105,7 +90,7 @@ class DockerRemote(ShellRemote):
         deadline = None if timeout is None else time.monotonic() + timeout
         timed_out = False
 
-        mask = masker(env)
+        mask = env_masker(env)
 
         def emit(raw: bytes) -> None:
             line = mask(raw.decode("utf-8", errors="replace").rstrip("\r"))

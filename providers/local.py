@@ -50,7 +50,7 @@ from ephemera.provider import (
 )
 from ephemera.sizing.catalog import MAX_COMPUTE_CAPABILITY
 from ephemera.spec.settings import get_settings
-from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, inside
+from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, env_masker, inside
 
 TAIL_LINES = 200
 
@@ -73,18 +73,6 @@ def base_env(environ: Mapping[str, str], allow: list[str] | tuple[str, ...] = ()
     allowed = set(allow)
     return {k: v for k, v in environ.items()
             if k in BASE_ENV_NAMES or k in allowed or k.startswith(BASE_ENV_PREFIXES)}
-
-
-def _mask(env: Mapping[str, str] | None):
-    values = sorted({str(v) for v in (env or {}).values() if len(str(v)) >= 4}, key=len,
-                    reverse=True)
-
-    def apply(text: str) -> str:
-        for value in values:
-            text = text.replace(value, "***")
-        return text
-
-    return apply
 
 
 class LocalRemote(ShellRemote):
@@ -121,7 +109,7 @@ class LocalRemote(ShellRemote):
     def run(self, command: str, *, env: Mapping[str, str] | None = None, cwd: str | None = None,
             timeout: float | None = None, on_line: LineSink | None = None,
             log_path: Path | None = None) -> CommandResult:
-        mask = _mask(env)
+        mask = env_masker(env)
         workdir = self._path(cwd) if cwd else self.workdir
         proc = subprocess.Popen(
             ["sh", "-c", command], cwd=workdir,

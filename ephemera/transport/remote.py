@@ -83,6 +83,24 @@ class Remote(Protocol):
     def close(self) -> None: ...
 
 
+MASK = "***"
+
+
+def env_masker(env: Mapping[str, str] | None) -> Callable[[str], str]:
+    """A function that hides the values of ``env`` (4 characters or more, longest first)
+    in a line, so a command that echoes a secret does not write it to the console or a
+    log. Every channel (local, docker, SSH) masks its commands' output with it."""
+    values = sorted({str(v) for v in (env or {}).values() if len(str(v)) >= 4},
+                    key=len, reverse=True)
+
+    def mask(line: str) -> str:
+        for value in values:
+            line = line.replace(value, MASK)
+        return line
+
+    return mask
+
+
 def plain_name(name: str) -> bool:
     """A file name from the instance that is safe to join to a local directory."""
     return name not in ("", ".", "..") and "/" not in name and "\0" not in name and "\\" not in name

@@ -5,19 +5,13 @@ through :mod:`ephemera.transport.ssh_transfer` and ports through :mod:`ephemera.
 
 Why it looks the way it does:
 
-- paramiko does not notice a dead or frozen peer by itself, and several of its calls
-  (``exec_command``, ``invoke_subsystem``) wait without a timeout. Every blocking step
-  here therefore runs under a timer of our own that closes the channel (or the whole
-  transport) when its deadline passes, so a frozen host fails the run in time.
-- stdout and stderr are combined on the server side of the channel and drained in one
-  loop, so a command that floods both streams cannot deadlock us.
-- Every command runs in a new session (``setsid``) whose id is reported first on the
-  channel, so a timeout can kill the command's whole process group on the host.
+- paramiko does not notice a dead or frozen peer by itself, and its connect and
+  handshake can wait without a timeout: each attempt runs under a timer of our own
+  (``guard``) that closes the transport when its deadline passes, and attempts are
+  retried with backoff until the boot deadline.
 - A host key is accepted only when something trusted vouches for it (see
-  :mod:`ephemera.transport.hostkeys`); later connections of the same run must present the same
-  key, or the run stops with :class:`HostKeyChangedError`.
-- Environment values are sent on the command's stdin (never on its command line) and
-  masked in every line written to the console or a log file.
+  :mod:`ephemera.transport.hostkeys`); later connections of the same run must present
+  the same key, or the run stops with :class:`HostKeyChangedError`.
 """
 
 from __future__ import annotations
@@ -51,9 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-PGID_MARK = "@@ephemera-pgid"
-TAIL_LINES = 200
-MASK = "***"
 
 
 # ---------------------------------------------------------------------------- keys

@@ -20,16 +20,13 @@ import shlex
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ephemera.errors import TransientError
-from ephemera.transport.remote import CommandResult, LineSink, ShellRemote
+from ephemera.transport.remote import CommandResult, LineSink, ShellRemote, env_masker
 from ephemera.transport.ssh import (
-    MASK,
-    PGID_MARK,
-    TAIL_LINES,
     HostKeyPin,
     Target,
     close_client,
@@ -46,19 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-
-class _Masker:
-    """Replaces environment values in text written anywhere."""
-
-    def __init__(self, env: Mapping[str, str] | None) -> None:
-        values = {str(v) for v in (env or {}).values() if len(str(v)) >= 4}
-        self.values = sorted(values, key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for value in self.values:
-            if value in text:
-                text = text.replace(value, MASK)
-        return text
+PGID_MARK = "@@ephemera-pgid"
+TAIL_LINES = 200
 
 
 def wrap_command(command: str, *, env: Mapping[str, str] | None, cwd: str | None,
@@ -87,7 +73,8 @@ def env_script(env: Mapping[str, str]) -> bytes:
 class _Lines:
     """Splits a byte stream into lines, sends them on, keeps the tail."""
 
-    def __init__(self, on_line: LineSink | None, log_path: Path | None, mask: _Masker) -> None:
+    def __init__(self, on_line: LineSink | None, log_path: Path | None,
+                 mask: Callable[[str], str]) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.buffer = ""
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -173,7 +160,7 @@ class SSHRemote(SFTPTransfer, ShellRemote):
             log_path: Path | None = None) -> CommandResult:
         start = time.monotonic()
         end = start + timeout if timeout else None
-        mask = _Masker(env)
+        mask = env_masker(env)
         lines = _Lines(on_line, log_path, mask)
         chan = self._session(min(self.op_timeout, timeout or self.op_timeout))
         finished = False
