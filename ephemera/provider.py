@@ -234,6 +234,9 @@ class Capabilities:
     ``pulls_before_launch``: the provider pulls the image itself before the launch
     (``pull_image``), so a cancel during a pull is not held by a launch in flight.
     ``reaps_orphans``: the provider has ``reap_orphans`` for resources without an instance.
+    ``boot_dir``: where work the machine starts at boot (the image pull, a weights download
+    that needs no token) writes its request, log, pid and exit status, one directory per
+    task (``pull``, ``weights``); None where nothing starts at boot.
     """
 
     runs: Runs = Runs.MACHINE
@@ -245,6 +248,7 @@ class Capabilities:
     min_billed_seconds: int = 0
     pulls_before_launch: bool = False
     reaps_orphans: bool = False
+    boot_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.container_network not in ("host", "bridge"):

@@ -127,9 +127,11 @@ class AWSProvider(Launching, Termination, LaunchResources, Failover, RunSearch, 
     def capabilities(cls, options: Mapping[str, Any]) -> Capabilities:
         """A VM of the run's own: the job's image through its Docker on the host network,
         a fresh SSH key per run (imported as the key pair), per-second billing with a
-        one-minute minimum."""
+        one-minute minimum, and work its user-data starts at boot (``aws_boot_dir``)."""
+        from ephemera.spec.settings import get_settings
+
         return Capabilities(runs=Runs.MACHINE, needs_ssh_key=True, container_network="host",
-                            min_billed_seconds=60)
+                            min_billed_seconds=60, boot_dir=get_settings().aws_boot_dir)
 
     def __init__(self, settings: Any = None, *, session: Any = None, retry_attempts: int = 6,
                  retry_base_seconds: float = 0.5, retry_max_seconds: float = 20.0,

@@ -26,7 +26,8 @@ from ephemera_providers.aws_errors import (
 )
 from ephemera_providers.aws_failover import Attempt, wants_spot
 from ephemera_providers.aws_resources import SkipRegion, baked_image_id
-from ephemera_providers.aws_userdata import user_data
+from ephemera_providers.aws_userdata import boot_weights, user_data
+from ephemera_providers.ssh import home_workroot
 
 from ephemera.errors import EphemeraError
 from ephemera.provider import (
@@ -187,8 +188,7 @@ class Launching:
             "MinCount": 1,
             "MaxCount": 1,
             "KeyName": key_name,
-            "UserData": user_data(spec.run_id, spec.expires_at,
-                                  str(opts.get("ssh_user") or "ubuntu"), spec.image),
+            "UserData": self._user_data(spec, str(opts.get("ssh_user") or "ubuntu")),
             "InstanceInitiatedShutdownBehavior": "terminate",
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
                                 "HttpPutResponseHopLimit": 1},
@@ -214,5 +214,17 @@ class Launching:
                 spot_options["MaxPrice"] = f"{float(cap):.4f}"  # AWS never bills spot above it
             params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot_options}
         return params
+
+    def _user_data(self, spec: LaunchSpec, login_user: str) -> str:
+        """The boot script: dead-man switch, then the boot work (image pull, and the
+        download of weights that need no token, the launch options' ``boot_weights``)."""
+        boot_dir = self.settings.aws_boot_dir
+        request = spec.options.get("boot_weights")
+        weights = ""
+        if isinstance(request, Mapping) and request.get("repo"):
+            workroot = home_workroot(self.settings.ssh_workroot, login_user)
+            weights = boot_weights(request, login_user, self.settings.hub_python, boot_dir, workroot)
+        return user_data(spec.run_id, spec.expires_at, login_user, spec.image,
+                         boot_dir=boot_dir, weights=weights)
 
     # -------------------------------------------------------------------- poll

@@ -28,7 +28,9 @@ def connect(run: Run, image: str) -> Remote:
     """The channel the run's commands go through: the provider's to the instance, or,
     where the machine runs the job's image through its own Docker, the job's container
     on it (the "image" phase: the run's directories made as the login user, how that user
-    reaches Docker, then the container, which also expires by itself)."""
+    reaches Docker, then the container, which also expires by itself). Where the machine
+    started work at boot (``Capabilities.boot_dir``), the image phase waits for its pull
+    and the weights phase for its download instead of starting them again."""
     assert run.instance is not None and run.provider is not None
     run.workdir = run.instance.workdir or f"/tmp/ephemera/{run.run_id}"
     remote = run.provider.connect(run.instance)
@@ -50,5 +52,7 @@ def connect(run: Run, image: str) -> Remote:
         expires_at = run.state.expires_at if run.state else datetime.now(UTC) + timedelta(hours=1)
         container.start_container(image, gpus=run.offer.gpu_count if run.offer else 0,
                                   expires_at=expires_at, timeout=run._time_left("image"),
-                                  progress=run.reporter.progress)
+                                  progress=run.reporter.progress, boot_dir=run.caps.boot_dir)
+        if container.boot_pull:
+            run._log(f"image: {container.boot_pull}")
     return container

@@ -96,6 +96,9 @@ def launch_spec(run: Run, offer: Offer, image: str, public_key: str | None,
     options = run.job.resources.model_dump(mode="json")
     if run.plan is not None and run.plan.machine_image:   # a baked image the plan found
         options["machine_image"] = dict(run.plan.machine_image)
+    boot_weights = weights.boot_request(run)
+    if boot_weights:   # a hub model the machine may start downloading at boot
+        options["boot_weights"] = boot_weights
     mounts = weights.docker_mounts(run) + [v for v in [caches.docker_volume(run)] if v]
     if mounts:   # the docker provider's bind mounts and volumes (hub and compile caches)
         options["docker"] = {**options.get("docker", {}), "mounts": mounts}

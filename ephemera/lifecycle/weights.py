@@ -6,7 +6,11 @@ Where it runs: the docker provider on this machine's engine (the host is this ma
 the download runs here, in a thread, beside the pull) and providers whose machine runs
 the image through its own Docker (ssh, aws, slurm: a detached process on the host,
 started over the run's channel before the image phase, so a gated model's token reaches
-the machine only over SSH). huggingface_hub does the download: 1.x and later through
+the machine only over SSH). Where the provider does boot work (``Capabilities.boot_dir``)
+and the model needs no token, the machine starts the same download at boot
+(``boot_request`` travels in the launch options); the weights phase then finds it (same
+repo, revision and cache), waits for its exit status and snapshot mark, and downloads
+itself only when the boot download failed or never ran. huggingface_hub does the download: 1.x and later through
 hf_xet (``HF_XET_HIGH_PERFORMANCE``), 0.x through hf_transfer when it is installed.
 
 The cache directory: ``cache.weights`` (or the setting) names one that outlives the
@@ -29,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from ephemera.lifecycle.records import PhaseRecord
 from ephemera.provider import Runs
+from ephemera.transport.container import BootTask, read_boot_task
+from ephemera.transport.remote import inside
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
@@ -83,6 +89,7 @@ class WeightsJob:
     owned: bool                         # a directory of the run's own (removed with it)
     thread: threading.Thread | None = None
     handle: str | None = None           # the host process (machine providers)
+    boot: bool = False                  # joined the download the machine started at boot
     result: dict[str, str] = field(default_factory=dict)
 
     def container_path(self, snapshot: str) -> str:
@@ -138,43 +145,127 @@ def docker_mounts(run: Run) -> list[str]:
     return [f"{job.host_home}:{job.container_home}:rw"] if job is not None else []
 
 
+def hub_venv(home: str, owned: bool) -> str:
+    """Where a host without huggingface_hub gets a virtualenv with it: inside a cache of
+    the run's own, beside a lasting one."""
+    return posixpath.join(home if owned else posixpath.dirname(home.rstrip("/")), ".hub-env")
+
+
+def host_command(python: str, home: str, venv: str, repo: str, revision: str) -> str:
+    """The shell line that downloads ``repo`` at ``revision`` into the hub cache ``home`` on
+    a host (``python`` if it imports huggingface_hub, else the virtualenv ``venv``, made
+    once); its last line is ``DONE_MARK`` and the snapshot's path. HF_TOKEN and
+    HF_ENDPOINT come from the environment."""
+    py, env = shlex.quote(python), shlex.quote(venv)
+    find_python = (f"if {py} -c 'import huggingface_hub' 2>/dev/null; then PY={py}; "
+                   f"else [ -x {env}/bin/python ] || {{ python3 -m venv {env} && "
+                   f"{env}/bin/pip install -q huggingface_hub; }}; PY={env}/bin/python; fi; ")
+    return (f"mkdir -p {shlex.quote(home)}/hub && {find_python}"
+            f"exec $PY -c {shlex.quote(HOST_SCRIPT)} {shlex.quote(repo)} "
+            f"{shlex.quote(revision)} {shlex.quote(home + '/hub')}")
+
+
+def boot_request(run: Run) -> dict[str, str] | None:
+    """What the machine may start downloading at boot (for the launch options): a hub
+    model that needs no token, on a provider that does boot work."""
+    if (not run.caps.boot_dir or run.caps.runs is not Runs.MACHINE or run.job.image == "host"
+            or _env_value(run, "HF_TOKEN")):
+        return None
+    _, hub_id = run._model_source()
+    if not hub_id:
+        return None
+    return {"repo": hub_id, "revision": run.job.model.revision or "",
+            "cache": _location(run) or "", "endpoint": _env_value(run, "HF_ENDPOINT") or ""}
+
+
+def _host_home(run: Run, location: str | None) -> str:
+    if location is None:
+        return f"{run.workdir}/hf"
+    if location == "auto":
+        return posixpath.join(posixpath.dirname(run.workdir.rstrip("/")), ".cache", "hf")
+    return location
+
+
+def _boot_download(run: Run, host: Remote, hub_id: str, home: str) -> BootTask | None:
+    """The download the machine started at boot, when it is this model at this revision
+    into the cache the run uses (any cache of the run's own when the job names none)."""
+    if not run.caps.boot_dir:
+        return None
+    task = read_boot_task(host, f"{run.caps.boot_dir}/weights")
+    repo, revision, where = (task.want + ["", "", ""])[:3]
+    if task.state == "none" or repo != hub_id or revision != (run.job.model.revision or ""):
+        return None
+    if not where or (_location(run) is not None and where != home):
+        return None
+    return task
+
+
 def start_on_host(run: Run, host: Remote) -> WeightsJob | None:
-    """A machine that runs the image through its own Docker: a detached download on the
-    host, into a cache directory the container mounts at the same path."""
+    """A machine that runs the image through its own Docker: the download the machine
+    started at boot, joined, or a detached download on the host, into a cache directory
+    the container mounts at the same path."""
     _, hub_id = run._model_source()
     if not hub_id or run.caps.runs is not Runs.MACHINE or run.job.image == "host":
         return None
     location = _location(run)
-    owned = location is None
-    if owned:
-        home = f"{run.workdir}/hf"
-    elif location == "auto":
-        home = posixpath.join(posixpath.dirname(run.workdir.rstrip("/")), ".cache", "hf")
-    else:
-        home = location
-    job = WeightsJob(hub_id, run.job.model.revision, home, home,
-                     _open_record(run, f"{hub_id} into {home} on the host"), owned)
-    python = shlex.quote(run.settings.hub_python)
-    venv = shlex.quote(posixpath.join(posixpath.dirname(home.rstrip("/")) if not owned else home,
-                                      ".hub-env"))
-    # The host's Python with huggingface_hub, else a virtualenv of its own with it.
-    find_python = (f"if {python} -c 'import huggingface_hub' 2>/dev/null; then PY={python}; "
-                   f"else [ -x {venv}/bin/python ] || {{ python3 -m venv {venv} && "
-                   f"{venv}/bin/pip install -q huggingface_hub; }}; PY={venv}/bin/python; fi; ")
-    command = (f"mkdir -p {shlex.quote(home)}/hub && {find_python}"
-               f"exec $PY -c {shlex.quote(HOST_SCRIPT)} {shlex.quote(hub_id)} "
-               f"{shlex.quote(job.revision or '')} {shlex.quote(home + '/hub')}")
+    home = _host_home(run, location)
+    boot = _boot_download(run, host, hub_id, home)
+    if boot is not None:
+        home = boot.want[2]
+    detail = (f"joining the download of {hub_id} started at boot, into {home}" if boot
+              else f"{hub_id} into {home} on the host")
+    job = WeightsJob(hub_id, run.job.model.revision, home, home, _open_record(run, detail),
+                     location is None, boot=boot is not None)
+    if not job.boot:
+        _start_on(run, host, job)
+    run.weights = job
+    return job
+
+
+def _start_on(run: Run, host: Remote, job: WeightsJob) -> None:
+    """Start the download on the host, detached (its output in the run's logs)."""
+    venv = hub_venv(job.host_home, owned=job.owned)
+    command = host_command(run.settings.hub_python, job.host_home, venv, job.repo_id,
+                           job.revision or "")
     env = {k: v for k in ("HF_TOKEN", "HF_ENDPOINT") if (v := _env_value(run, k))}
     try:
         job.handle = host.start(command, env=env, cwd=run.workdir, log_file=f"{run.workdir}/logs/weights.log")
     except Exception as exc:  # noqa: BLE001 - vLLM downloads instead
         job.result["error"] = f"{type(exc).__name__}: {exc}"
-    run.weights = job
-    return job
+
+
+def _wait_boot(run: Run, job: WeightsJob, deadline: float) -> bool:
+    """Wait for the boot download; False when it failed or never ran (the run then
+    downloads itself)."""
+    host = run._host_remote()
+    where = f"{run.caps.boot_dir}/weights"
+    since = time.monotonic()
+    task = read_boot_task(host, where)
+    while task.state in ("running", "starting"):
+        if time.monotonic() > deadline:
+            job.result["error"] = "the download started at boot did not finish in time"
+            return True
+        run.reporter.progress(f"weights: waiting for the download started at boot "
+                              f"({time.monotonic() - since:.0f}s)")
+        time.sleep(1.0)
+        task = read_boot_task(host, where)
+    marks = [ln for ln in task.log if ln.startswith(DONE_MARK)]
+    if task.rc == 0 and marks:
+        job.result["snapshot"] = marks[-1][len(DONE_MARK):].strip()
+        run._log(f"weights: joined the download of {job.repo_id} started at boot (done)")
+        return True
+    why = (f"exit status {task.rc}: {(task.log or ['no output'])[-1][-200:]}" if task.rc is not None
+           else "it is not running")
+    run._log(f"weights: the download started at boot failed ({why}); downloading here")
+    return False
 
 
 def _wait_host(run: Run, job: WeightsJob, deadline: float) -> None:
     host = run._host_remote()
+    if job.boot:
+        if _wait_boot(run, job, deadline):
+            return
+        _start_on(run, host, job)
     while job.handle and host.is_running(job.handle):
         if time.monotonic() > deadline:
             job.result["error"] = "the download did not finish in time"
@@ -246,6 +337,6 @@ def close(run: Run) -> None:
 def host_mounts(run: Run, job: WeightsJob | None) -> list[str]:
     """Directories outside the run directory the job's container needs (a lasting hub
     cache), made on the host first."""
-    if job is None or job.owned:
+    if job is None or inside(job.host_home, run.workdir):
         return []
     return [job.host_home]

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     aws_ssh_host_override: str | None = Field(default=None, description="Reach instances at this host[:port] (bastion forward, tests).")
     aws_use_private_ip: bool = False
     aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
+    aws_boot_dir: str = Field(default="/var/lib/ephemera", pattern=r"^/[A-Za-z0-9._/+-]*$", description=(
+        "Directory on an instance where the work its user-data starts at boot (image pull, "
+        "weights download) writes its logs and exit status."))
     aws_host_key_wait: float = Field(default=300.0, ge=0, le=3600, description=(
         "Seconds to wait after SSH answers for the instance's host keys in its console output "
         "(then known_hosts or first-use trust decide)."))

@@ -11,6 +11,10 @@ directories are made by the login user before the container starts, the containe
 runs as the login user's uid:gid (everything it writes into the shared directory can
 be uploaded into and removed by that user), and Docker access is checked first: the
 user's own (the ``docker`` group), else ``sudo -n docker``, else a clear error.
+
+A machine may have started the pull at boot (``Capabilities.boot_dir``): the image phase
+then waits for that pull (its progress read from its log, within the phase's time) and
+pulls only when it failed or never ran.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import re
 import shlex
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ephemera.errors import ConfigError, RemoteCommandError
+from ephemera.errors import ConfigError, PhaseTimeoutError, RemoteCommandError
 from ephemera.transport.remote import CommandResult, LineSink, Remote, ShellRemote
 
 RUN_SUBDIRS = ("suite", "artifacts", "logs", "model", "home")
@@ -56,6 +61,50 @@ def prepare_host(host: Remote, workdir: str, where: str = "the instance") -> tup
             hint=f"Add the user to the docker group (sudo usermod -aG docker {user[0]}, then log in "
                  "again) or allow it `sudo -n docker`; on AWS the provider's user-data does this.")
     return docker, user[1]
+
+
+# Seconds a boot task may have been asked for without a pid yet (its unit is starting).
+BOOT_START_GRACE = 30
+
+
+@dataclass
+class BootTask:
+    """What a task the machine started at boot says in its directory: what it was asked
+    for (``want``, one value a line), ``state`` (none: never asked; starting, running,
+    done: ``rc`` set; gone: not running and no exit status) and its log's last lines."""
+
+    want: list[str] = field(default_factory=list)
+    state: str = "none"
+    rc: int | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def _boot_probe(task_dir: str) -> str:
+    return (f"d={shlex.quote(task_dir)}; [ -f \"$d/want\" ] || {{ echo '@@state none'; exit 0; }}; "
+            """sed 's/^/@@want /' "$d/want"; """
+            'if [ -f "$d/rc" ]; then echo "@@state done $(cat "$d/rc")"; '
+            'elif p=$(cat "$d/pid" 2>/dev/null) && [ -n "$p" ] && [ -d "/proc/$p" ]; then echo "@@state running"; '
+            f'elif [ $(( $(date +%s) - $(stat -c %Y "$d/want") )) -lt {BOOT_START_GRACE} ]; '
+            'then echo "@@state starting"; else echo "@@state gone"; fi; '
+            """tail -n 40 "$d/log" 2>/dev/null | tr '\\r' '\\n' | tail -n 40; true""")
+
+
+def read_boot_task(host: Remote, task_dir: str) -> BootTask:
+    """The state of the boot task whose files are in ``task_dir`` on the host (one round
+    trip); a probe that fails reads as a task never asked for."""
+    result = host.run(_boot_probe(task_dir), timeout=30)
+    task = BootTask()
+    for line in result.output_tail.splitlines() if result.ok else []:
+        if line.startswith("@@want"):
+            task.want.append(line[len("@@want "):])
+        elif line.startswith("@@state "):
+            words = line.split()
+            task.state = words[1]
+            if words[1] == "done":
+                task.rc = int(words[2]) if words[2:] and words[2].lstrip("-").isdigit() else -1
+        elif line.strip():
+            task.log.append(line)
+    return task
 
 
 class PullProgress:
@@ -99,6 +148,7 @@ class ContainerRemote(ShellRemote):
         self.port = port
         self.read_only: list[str] = []
         self.mounts: list[str] = []   # host directories mounted at the same path (caches)
+        self.boot_pull = ""           # what came of a pull started at boot, when there was one
 
     def isolation_flags(self) -> str:
         """Network, IPC and the read-only bookkeeping mounts of the run's containers."""
@@ -147,13 +197,18 @@ class ContainerRemote(ShellRemote):
                 "-e USER=ephemera ")
 
     def start_container(self, image: str, *, gpus: int, expires_at: datetime, shm_size: str = "1g",
-                        timeout: float = 900, progress: Callable[[str], None] | None = None) -> None:
+                        timeout: float = 900, progress: Callable[[str], None] | None = None,
+                        boot_dir: str | None = None) -> None:
         """Start the run's container. Its main process sleeps until the run's expiry and
         ``--rm`` removes it then: a dead-man switch of its own. The image is pulled
-        first (when missing) and the sleep is reckoned after the pull, so a slow pull
-        cannot push the container's end past the expiry."""
+        first (when missing; a pull of it started at boot in ``boot_dir`` is waited for
+        first) and the sleep is reckoned after the pull, so a slow pull cannot push the
+        container's end past the expiry."""
         started = time.monotonic()
         q = shlex.quote(image)
+        if boot_dir:
+            self.boot_pull = self.join_boot_pull(image, f"{boot_dir}/pull", timeout,
+                                                 PullProgress(image, progress))
         pulled = self.host.run(f"{self.docker} image inspect {q} >/dev/null 2>&1 || {self.docker} pull {q}",
                                timeout=timeout, on_line=PullProgress(image, progress))
         if not pulled.ok:
@@ -170,6 +225,29 @@ class ContainerRemote(ShellRemote):
         result = self.host.run(cmd, timeout=max(30.0, timeout - (time.monotonic() - started)))
         if not result.ok:
             self._image_error(image, result)
+
+    def join_boot_pull(self, image: str, task_dir: str, timeout: float,
+                       note: PullProgress) -> str:
+        """Wait for the machine's boot pull of ``image`` (its log feeds ``note``) for up to
+        ``timeout`` seconds; what came of it, for the run's log ("" when there was none
+        of this image)."""
+        deadline = time.monotonic() + timeout
+        task = read_boot_task(self.host, task_dir)
+        if task.state == "none" or task.want[:1] != [image]:
+            return ""
+        while task.state in ("running", "starting"):
+            for line in task.log:
+                note(line)
+            if time.monotonic() > deadline:
+                raise PhaseTimeoutError("image", timeout, f"the pull of {image} started at boot "
+                                        f"did not finish within the image phase's {timeout:.0f}s")
+            time.sleep(1.0)
+            task = read_boot_task(self.host, task_dir)
+        if task.rc == 0:
+            return "joined the pull started at boot (done)"
+        why = f"exit status {task.rc}" if task.rc is not None else "not running"
+        last = task.log[-1].strip()[-200:] if task.log else "no output"
+        return f"the pull started at boot failed ({why}: {last}); pulling here"
 
     @staticmethod
     def _image_error(image: str, result: CommandResult) -> None:
