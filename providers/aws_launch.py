@@ -29,7 +29,7 @@ from ephemera_providers.aws_resources import SkipRegion, baked_image_id
 from ephemera_providers.aws_userdata import boot_weights, user_data
 from ephemera_providers.ssh import home_workroot
 
-from ephemera.errors import EphemeraError
+from ephemera.errors import ConfigError, EphemeraError
 from ephemera.provider import (
     LABEL_RUN_ID,
     Instance,
@@ -53,6 +53,7 @@ class Launching:
     settings: Any
 
     def launch(self, spec: LaunchSpec) -> Instance:
+        self._check_instance_profile(spec)
         opts = Options(spec.options)
         regions = self._launch_regions(spec, opts)
         existing = self._existing_instance(spec.run_id, self._recorded(spec.run_id))
@@ -64,6 +65,16 @@ class Launching:
             if instance is not None:
                 return instance
         raise attempt.error(spec.offer.instance_type, regions)
+
+    def _check_instance_profile(self, spec: LaunchSpec) -> None:
+        """Caches in S3 are read and written by the instance with its own credentials."""
+        s3_caches = spec.options.get("s3_caches") or {}
+        if s3_caches and not self.settings.aws_instance_profile:
+            field, url = next(iter(s3_caches.items()))
+            raise ConfigError(f"{field}: {url} is read and written by the instance itself; set "
+                              "the aws_instance_profile setting (EPHEMERA_AWS_INSTANCE_PROFILE) to "
+                              "an instance profile whose role may use that prefix (README: "
+                              "Running on AWS)")
 
     def _launch_regions(self, spec: LaunchSpec, opts: Options) -> list[str]:
         listed = list(opts.get("regions") or []) or list(self.settings.aws_regions)
@@ -206,6 +217,9 @@ class Launching:
                 "AssociatePublicIpAddress": not self.settings.aws_use_private_ip,
                 "DeleteOnTermination": True}],
         }
+        profile = self.settings.aws_instance_profile
+        if profile:
+            params["IamInstanceProfile"] = {"Arn" if profile.startswith("arn:") else "Name": profile}
         if market == "spot":
             spot_options: dict[str, Any] = {"SpotInstanceType": "one-time",
                                             "InstanceInterruptionBehavior": "terminate"}

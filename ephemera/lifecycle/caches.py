@@ -4,7 +4,8 @@ vLLM's compile cache (``VLLM_CACHE_ROOT``), torch inductor's (``TORCHINDUCTOR_CA
 and, on GPUs, Triton's (``TRITON_CACHE_DIR``) are kept under a root named by
 ``cache.compile`` (or the setting): a Docker volume on docker (mounted at
 ``COMPILE_MOUNT``), a directory elsewhere ('auto': beside the runs' directories on the
-host). Inside the root, ephemera's own key picks a directory of its own: the model (its
+host), or on a machine an S3 prefix (``s3://bucket/prefix``: the key's directory is
+restored into the 'auto' place and saved back, see ``cache_store``). Inside the root, ephemera's own key picks a directory of its own: the model (its
 stable path, so its revision or content), the vLLM version, the GPU type and the
 arguments that change what is compiled. The directory holds a manifest of that key; a
 manifest that is missing, corrupt or of another key makes the directory start empty, so
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ephemera.errors import ConfigError, RemoteCommandError
+from ephemera.lifecycle import cache_store
 from ephemera.provider import Runs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,7 +114,7 @@ def compile_root(run: Run) -> str | None:
         return None
     if run.caps.runs is Runs.IMAGE:
         return COMPILE_MOUNT
-    if location == "auto":
+    if location == "auto" or cache_store.is_s3(location):   # S3: restored into the 'auto' place
         if run.caps.runs is Runs.THIS_MACHINE:
             return str(run.settings.cache_dir / "compile")
         return posixpath.join(runs_root(run), ".cache", "compile")
@@ -155,6 +157,7 @@ def prepare(run: Run, model_path: str) -> dict[str, str]:
         return {}
     fields = key_fields(run, model_path, vllm_version(run))
     directory = f"{root}/{cache_key(fields)}"
+    cache_store.restore_compile(run, root, cache_key(fields), manifest_text(fields))
     result = run.remote.run(check_script(directory, manifest_text(fields)), timeout=120)
     marks = [ln for ln in result.output_tail.splitlines() if ln.startswith("@@cache ")]
     if not result.ok or not marks:

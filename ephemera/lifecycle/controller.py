@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ephemera.errors import (
     PhaseTimeoutError,
 )
 from ephemera.lifecycle import (
+    cache_store,
     caches,
     collect,
     machine,
@@ -112,6 +114,7 @@ class Run:
         self.judgement: Any = None          # ephemera.results.gates.Judgement
         self.weights: Any = None            # ephemera.lifecycle.weights.WeightsJob
         self.cache_env: dict[str, str] = {}  # the compile caches' environment for vLLM
+        self.s3_caches: Any = None          # ephemera.lifecycle.cache_store.S3Caches
         # One masker for everything the run prints and writes (ephemera.masking).
         self.masker = job_masker(loaded, warn=reporter.warn)
         reporter.masker = self.masker
@@ -258,7 +261,8 @@ class Run:
 
     def _launch_spec(self, offer: Offer, image: str, public_key: str | None,
                      private_key: str | None) -> LaunchSpec:
-        return provision.launch_spec(self, offer, image, public_key, private_key)
+        spec = provision.launch_spec(self, offer, image, public_key, private_key)
+        return replace(spec, options={**spec.options, **cache_store.launch_options(self)})
 
     def provision(self, image: str) -> None:
         return provision.provision(self, image)
@@ -305,7 +309,9 @@ class Run:
 
     def run_suite(self) -> int:
         suite_prepare.wait(self)
-        return suite.run_suite(self)
+        status = suite.run_suite(self)
+        cache_store.save(self)   # caches kept in S3: what this run added, before teardown
+        return status
 
     def _suite_line(self, line: str) -> None:
         return suite.suite_line(self, line)
@@ -358,6 +364,7 @@ class Run:
         self._install_signals()
         try:
             try:
+                cache_store.check(self)   # before anything is planned or launched
                 with self.phase("plan"):
                     self.plan = self.make_plan()
                     o = self.plan.offer

@@ -15,7 +15,9 @@ hf_xet (``HF_XET_HIGH_PERFORMANCE``), 0.x through hf_transfer when it is install
 
 The cache directory: ``cache.weights`` (or the setting) names one that outlives the
 run; without it the download goes to a directory of the run's own, removed with it.
-A download that fails costs time only: vLLM then downloads the model itself.
+An ``s3://`` location is restored into the 'auto' place before the download and saved
+back at the end (``cache_store``). A download that fails costs time only: vLLM then
+downloads the model itself.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ephemera.lifecycle import cache_store
 from ephemera.lifecycle.records import PhaseRecord
 from ephemera.provider import Runs
 from ephemera.transport.container import BootTask, read_boot_task
@@ -151,15 +154,19 @@ def hub_venv(home: str, owned: bool) -> str:
     return posixpath.join(home if owned else posixpath.dirname(home.rstrip("/")), ".hub-env")
 
 
-def host_command(python: str, home: str, venv: str, repo: str, revision: str) -> str:
+def host_command(python: str, home: str, venv: str, repo: str, revision: str,
+                 before: str = "") -> str:
     """The shell line that downloads ``repo`` at ``revision`` into the hub cache ``home`` on
     a host (``python`` if it imports huggingface_hub, else the virtualenv ``venv``, made
     once); its last line is ``DONE_MARK`` and the snapshot's path. HF_TOKEN and
-    HF_ENDPOINT come from the environment."""
+    HF_ENDPOINT come from the environment. ``before``: a restore of the hub cache from
+    S3 (``cache_store.hub_restore``), run first by a Python that also has boto3."""
     py, env = shlex.quote(python), shlex.quote(venv)
     find_python = (f"if {py} -c 'import huggingface_hub' 2>/dev/null; then PY={py}; "
                    f"else [ -x {env}/bin/python ] || {{ python3 -m venv {env} && "
                    f"{env}/bin/pip install -q huggingface_hub; }}; PY={env}/bin/python; fi; ")
+    if before:
+        find_python = cache_store.find_python(python, venv, ("huggingface_hub", "boto3")) + before
     return (f"mkdir -p {shlex.quote(home)}/hub && {find_python}"
             f"exec $PY -c {shlex.quote(HOST_SCRIPT)} {shlex.quote(repo)} "
             f"{shlex.quote(revision)} {shlex.quote(home + '/hub')}")
@@ -169,8 +176,8 @@ def boot_request(run: Run) -> dict[str, str] | None:
     """What the machine may start downloading at boot (for the launch options): a hub
     model that needs no token, on a provider that does boot work."""
     if (not run.caps.boot_dir or run.caps.runs is not Runs.MACHINE or run.job.image == "host"
-            or _env_value(run, "HF_TOKEN")):
-        return None
+            or _env_value(run, "HF_TOKEN") or cache_store.is_s3(_location(run))):
+        return None   # (an S3 hub cache is restored first, with the script sent over SSH)
     _, hub_id = run._model_source()
     if not hub_id:
         return None
@@ -181,7 +188,7 @@ def boot_request(run: Run) -> dict[str, str] | None:
 def _host_home(run: Run, location: str | None) -> str:
     if location is None:
         return f"{run.workdir}/hf"
-    if location == "auto":
+    if location == "auto" or cache_store.is_s3(location):   # S3: restored into the 'auto' place
         return posixpath.join(posixpath.dirname(run.workdir.rstrip("/")), ".cache", "hf")
     return location
 
@@ -226,7 +233,8 @@ def _start_on(run: Run, host: Remote, job: WeightsJob) -> None:
     """Start the download on the host, detached (its output in the run's logs)."""
     venv = hub_venv(job.host_home, owned=job.owned)
     command = host_command(run.settings.hub_python, job.host_home, venv, job.repo_id,
-                           job.revision or "")
+                           job.revision or "",
+                           before=cache_store.hub_restore(run, host, job.host_home, job.repo_id))
     env = {k: v for k in ("HF_TOKEN", "HF_ENDPOINT") if (v := _env_value(run, k))}
     try:
         job.handle = host.start(command, env=env, cwd=run.workdir, log_file=f"{run.workdir}/logs/weights.log")
@@ -273,6 +281,7 @@ def _wait_host(run: Run, job: WeightsJob, deadline: float) -> None:
             return
         time.sleep(1.0)
     log = host.run(f"tail -n 20 {shlex.quote(run.workdir)}/logs/weights.log", timeout=30)
+    cache_store.report_hub_restore(run, host, f"{run.workdir}/logs/weights.log")
     marks = [ln for ln in log.output_tail.splitlines() if ln.startswith(DONE_MARK)]
     if marks:
         job.result["snapshot"] = marks[-1][len(DONE_MARK):].strip()

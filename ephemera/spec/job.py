@@ -221,21 +221,36 @@ class ResourcesSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Options for third-party providers.")
 
 
+_S3_LOCATION = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?")
+
+
+def s3_location_problem(value: str) -> str | None:
+    """Why ``value`` (starting with s3://) is not a usable s3://BUCKET/PREFIX, or None."""
+    bucket = value[5:].split("/")[0]
+    if not _S3_LOCATION.fullmatch(value) or ".." in bucket:
+        return (f"'{value}' is not an S3 location: s3://BUCKET/PREFIX with a bucket name of "
+                "3-63 lower-case letters, digits, '.' and '-'")
+    return None
+
+
 class CacheSpec(Strict):
     weights: str | None = Field(None, max_length=1024, description=(
         "Keep the Hugging Face cache (hub weights) across runs: 'auto' (the provider's own "
-        "place) or a location (a directory; on docker a host directory). Default: the "
-        "cache_weights setting; unset = off."))
+        "place) or a location (a directory; on docker a host directory; on aws "
+        "s3://BUCKET/PREFIX). Default: the cache_weights setting; unset = off."))
     compile: str | None = Field(None, max_length=1024, description=(
         "Keep vLLM's and torch's compile caches across runs: 'auto' or a location (a Docker "
-        "volume name on docker, a directory elsewhere), one cache per key (model revision, "
-        "vLLM version, GPU type, compile arguments). Default: the cache_compile setting."))
+        "volume name on docker, a directory elsewhere, s3://BUCKET/PREFIX on aws), one cache "
+        "per key (model revision, vLLM version, GPU type, compile arguments). Default: the "
+        "cache_compile setting."))
 
     @field_validator("weights", "compile")
     @classmethod
     def _location(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or "\0" in value or "\n" in value):
             raise ValueError("give 'auto' or a location (a directory, or a Docker volume name)")
+        if value is not None and value.startswith("s3://") and (problem := s3_location_problem(value)):
+            raise ValueError(problem)
         return value
 
 

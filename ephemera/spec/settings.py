@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     aws_ssh_host_override: str | None = Field(default=None, description="Reach instances at this host[:port] (bastion forward, tests).")
     aws_use_private_ip: bool = False
     aws_bastion: str | None = Field(default=None, description="user@host[:port] to jump through.")
+    aws_instance_profile: str | None = Field(default=None, pattern=(
+        r"^(arn:aws[a-z-]*:iam::[0-9]{12}:instance-profile/)?[A-Za-z0-9_+=,.@/-]{1,128}$"),
+        description=(
+            "IAM instance profile (name or ARN) every aws instance gets (IamInstanceProfile); "
+            "s3:// caches need one, its role limited to their prefix."))
     aws_boot_dir: str = Field(default="/var/lib/ephemera", pattern=r"^/[A-Za-z0-9._/+-]*$", description=(
         "Directory on an instance where the work its user-data starts at boot (image pull, "
         "weights download) writes its logs and exit status."))
