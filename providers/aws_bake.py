@@ -72,9 +72,11 @@ def bake_key(job: Any, gpu: str | None) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cleanup_script(login_user: str, public_key: str, workdir: str, container: str) -> str:
+def cleanup_script(login_user: str, public_key: str, workdir: str, container: str,
+                   boot_dir: str = BOOT_DIR) -> str:
     """Shell run on the bake instance (as the login user, root through ``sudo -n``) right
-    before it is stopped and imaged. Every step tolerates what is already gone."""
+    before it is stopped and imaged (``boot_dir``: where its boot work left its state).
+    Every step tolerates what is already gone."""
     key = public_key.split()[1] if len(public_key.split()) > 1 else public_key
     user = shlex.quote(login_user)
     quoted_key = shlex.quote(key)
@@ -84,7 +86,7 @@ $SUDO systemctl disable ephemera-deadman.service >/dev/null 2>&1
 $SUDO rm -f {DEADMAN_UNIT} /etc/systemd/system/multi-user.target.wants/ephemera-deadman.service \
     {DEADMAN_SCRIPT}
 $SUDO systemctl daemon-reload >/dev/null 2>&1
-$SUDO rm -rf {BOOT_DIR}
+$SUDO rm -rf {shlex.quote(boot_dir)}
 docker rm -f {shlex.quote(container)} >/dev/null 2>&1 || $SUDO docker rm -f \
     {shlex.quote(container)} >/dev/null 2>&1
 rm -rf {shlex.quote(workdir)}

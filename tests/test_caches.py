@@ -8,6 +8,7 @@ path and a second run reuses them."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -146,3 +147,31 @@ def test_an_uploaded_model_lands_at_a_content_addressed_path_shared_by_runs(tmp_
     (model / "weights.bin").write_bytes(b"v" * 1000)   # other content, other path
     assert caches.upload_model(second, model, second.remote, timeout=60) != path
     assert not list((tmp_path / "runs" / ".models").glob("*.part-*"))
+
+
+def test_a_remembered_digest_stands_only_while_the_files_are_unchanged(tmp_path, monkeypatch):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"a" * 100)
+    memo = tmp_path / "digests.json"
+    first = caches.model_digest(model, memo)
+    assert first == caches.model_digest(model)
+    real_open = Path.open
+
+    def guarded(self, *args, **kwargs):
+        assert model not in self.parents, f"{self} was read again"
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", guarded)
+    assert caches.model_digest(model, memo) == first        # unchanged: not read
+    monkeypatch.setattr(Path, "open", real_open)
+    # The same size and modification time with other bytes (as `cp -p` could leave):
+    # the change time differs, so the files are read again.
+    before = (model / "w.bin").stat()
+    (model / "w.bin").write_bytes(b"b" * 100)
+    os.utime(model / "w.bin", ns=(before.st_atime_ns, before.st_mtime_ns))
+    second = caches.model_digest(model, memo)
+    assert second != first and second == caches.model_digest(model)
+    memo.write_text("{not json")                             # a damaged memo costs time only
+    assert caches.model_digest(model, memo) == second
+    assert json.loads(memo.read_text())[str(model.resolve())]["digest"] == second

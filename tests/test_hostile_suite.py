@@ -2,7 +2,8 @@
 directory (and to /) in its artifacts, in the server's log and in the job's artifact
 list, and asks for an absolute path outside the run. Collect refuses each with a clear
 warning and copies nothing from outside the run directory; the real artifacts still
-come back. Runs on the local, docker and ssh providers (the same SSH code serves aws)."""
+come back. On docker it also tries to write into the model, which is mounted read-only.
+Runs on the local, docker and ssh providers (the same SSH code serves aws)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ ATTACK = (
     "mkdir -p ../artifacts/real && echo collected-ok > ../artifacts/real/file.txt && "
     "ln -s {secret} ../artifacts/real/inner-link && "
     "rm -f ../logs/vllm.log && ln -s {secret} ../logs/vllm.log && "
-    "ln -s {secret} stolen-artifact.txt && echo planted"
+    "ln -s {secret} stolen-artifact.txt && "
+    # The model the server loads (docker: mounted read-only from this machine).
+    "for f in /ephemera-models/*/config.json; do [ -f \"$f\" ] || continue; "
+    "if echo tampered >> \"$f\"; then echo MODEL-WRITTEN; else echo model-refused; fi; done; "
+    "echo planted"
 )
 
 
@@ -56,4 +61,9 @@ def test_links_out_of_the_run_directory_are_refused(request, target_name, tmp_pa
     for needle in ("stolen.txt", "rootfs", "inner-link", "vllm.log", "stolen-artifact.txt",
                    "/etc/hostname"):
         assert any(needle in w for w in warnings), f"no warning names {needle}: {warnings}"
+    suite_log = (artifacts / "suite.log").read_text()
+    assert "planted" in suite_log and "MODEL-WRITTEN" not in suite_log
+    if target_name == "docker_target":   # the local model is mounted, never copied or writable
+        assert "/ephemera-models/tiny-llama-" in result["server_command"]
+        assert "model-refused" in suite_log
     assert target.leftovers(result["run_id"]) == []

@@ -149,6 +149,17 @@ def test_copy_both_ways_files_dirs_and_globs(launched, tmp_path):
     assert remote.get(f"{work}/missing.txt", back) == []
     assert remote.get(f"{work}/nothing-*.txt", back) == []
 
+    # Several paths with one check: a link, a path outside, a missing one and globs.
+    remote.run(f"cd {work} && ln -s /etc/hostname link.txt && mkdir -p out && ln -s /etc out/etc")
+    refused: list[str] = []
+    many = remote.get_many([f"{work}/tree/a.txt", f"{work}/link.txt", f"{work}/out/etc/hostname",
+                            f"{work}/missing.txt", f"{work}/result-*.txt", "/etc/hostname"],
+                           tmp_path / "many", within=work, refused=refused)
+    assert [sorted(p.name for p in files) for files in many] == [
+        ["a.txt"], [], [], [], ["result-1.txt", "result-2.txt"], []]
+    assert len(refused) == 3 and "link.txt is a symbolic link" in refused[0]
+    assert all("outside the run directory" in why for why in refused[1:])
+
 
 @pytest.mark.timeout(120)
 def test_forward_on_host_network_reaches_a_server_in_the_container(launched):
@@ -399,3 +410,20 @@ def test_job_container_cannot_gain_privileges(contract_docker):
         assert status.ok and status.output_tail.split()[-1] == "1", status.output_tail
     finally:
         provider.terminate(instance)
+
+
+@pytest.mark.parametrize("docker_host", [None, "ssh://ci@127.0.0.1"])
+def test_the_sdk_loads_its_ssh_transport_only_for_an_ssh_engine(docker_engine, docker_host):
+    """paramiko (and invoke through it) cost every docker run's start about 80 ms; only
+    DOCKER_HOST=ssh://... needs them."""
+    env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
+    if docker_host:
+        env["DOCKER_HOST"] = docker_host
+        code = ("from ephemera.transport.docker_engine import skip_ssh_transport; skip_ssh_transport(); "
+                "import docker.transport; print(hasattr(docker.transport, 'SSHHTTPAdapter'))")
+    else:
+        code = ("import sys; from ephemera.transport.docker_engine import connect_docker; "
+                "print(connect_docker('t').info()['ID'] != '' and 'paramiko' not in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

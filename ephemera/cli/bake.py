@@ -165,7 +165,8 @@ def _bake_run_class() -> type:
             public = Path(self.ssh_key_dir or ".", "id_ed25519.pub")
             script = cleanup_script(self.instance.data.get("ssh_user") or "ubuntu",
                                     public.read_text() if public.is_file() else "",
-                                    self.workdir, f"ephemera-{self.run_id}")
+                                    self.workdir, f"ephemera-{self.run_id}",
+                                    **({"boot_dir": self.caps.boot_dir} if self.caps.boot_dir else {}))
             result = self._host_remote().run(script, timeout=min(300.0, self._time_left("bake")))
             if "ephemera-bake-clean" not in result.output_tail:
                 from ephemera.errors import RemoteCommandError

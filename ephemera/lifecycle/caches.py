@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 import shlex
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ephemera.errors import ConfigError, RemoteCommandError
 from ephemera.lifecycle import cache_store
-from ephemera.provider import Runs
+from ephemera.provider import BuiltinImage, Runs
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MANIFEST = "ephemera-cache.json"
 FORMAT = 1
 COMPILE_MOUNT = "/ephemera-cache/compile"
+MODEL_MOUNT = "/ephemera-models"          # local models, read-only (docker on this machine)
 DEFAULT_VOLUME = "ephemera-compile"
 COMPLETE_MARK = ".ephemera-complete"
 
@@ -171,21 +173,66 @@ def prepare(run: Run, model_path: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ models
-def model_digest(model_dir: Path) -> str:
-    """A digest of a model directory's content (names and bytes)."""
+def model_digest(model_dir: Path, remember: Path | None = None) -> str:
+    """A digest of a model directory's content (names and bytes). With ``remember`` (a
+    JSON file), a directory whose files have the same names, sizes, inodes, modification
+    and change times as when it was last read is not read again (an 8 GB model takes
+    seconds)."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    # ctime and inode too: no copy or touch can set them back to what they were.
+    listing = [[str(p.relative_to(model_dir)), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+               for p in files for st in [p.stat()]]
+    known = _remembered(remember)
+    entry = known.get(str(model_dir.resolve()))
+    if isinstance(entry, dict) and entry.get("files") == listing and isinstance(entry.get("digest"), str):
+        return entry["digest"]
     digest = hashlib.sha256()
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+    for path in files:
         digest.update(str(path.relative_to(model_dir)).encode() + b"\0")
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
         digest.update(b"\0")
-    return digest.hexdigest()[:20]
+    value = digest.hexdigest()[:20]
+    if remember is not None:
+        known[str(model_dir.resolve())] = {"files": listing, "digest": value}
+        try:
+            remember.parent.mkdir(parents=True, exist_ok=True)
+            part = remember.with_name(f"{remember.name}.{os.getpid()}")
+            part.write_text(json.dumps(dict(list(known.items())[-50:])))
+            part.replace(remember)
+        except OSError:
+            pass   # remembering only saves time
+    return value
+
+
+def _remembered(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _model_name(run: Run, model_dir: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", model_dir.name)[:60] or "model"
+    return f"{name}-{model_digest(model_dir, run.settings.cache_dir / 'model-digests.json')}"
 
 
 def model_path(run: Run, model_dir: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", model_dir.name)[:60] or "model"
-    return posixpath.join(runs_root(run), ".models", f"{name}-{model_digest(model_dir)}")
+    return posixpath.join(runs_root(run), ".models", _model_name(run, model_dir))
+
+
+def model_mount(run: Run, model_dir: Path) -> tuple[str, str] | None:
+    """Where the job's image runs on this machine's own engine: the model bind-mounted
+    read-only at a path fixed by its content, instead of copied in every run; (the
+    mount, the path in the container). None elsewhere."""
+    if run.caps.runs is not Runs.IMAGE or run.caps.builtin_image is not BuiltinImage.LOCAL_ENGINE:
+        return None
+    path = posixpath.join(MODEL_MOUNT, _model_name(run, model_dir))
+    return f"{model_dir.resolve()}:{path}:ro", path
 
 
 def upload_model(run: Run, model_dir: Path, host: Remote, timeout: float) -> str:

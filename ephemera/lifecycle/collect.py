@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ephemera.errors import (
@@ -57,37 +58,63 @@ def ensure_channel(run: Run, budget: float) -> bool:
     return True
 
 
+Fetched = tuple[list[Path] | None, list[str], str]   # files (None: no time left), refused, error
+
+
+def _fetch_one(run: Run, remote_path: str, local: Path, deadline: float) -> Fetched:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None, [], ""
+    refused: list[str] = []
+    try:
+        got = run.remote.get(remote_path, local, timeout=left, within=run.workdir, refused=refused)
+    except Interrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - collect is best effort, teardown must follow
+        return [], refused, f"{type(exc).__name__}: {exc}"
+    return got, refused, ""
+
+
+def _fetch_all(run: Run, wanted: list[str], deadline: float) -> list[Fetched]:
+    """Each wanted path fetched into the artifacts; in one go where the channel can
+    (``get_many``: one check for all, where each check is a round trip)."""
+    get_many = getattr(run.remote, "get_many", None)
+    if get_many is None or len(wanted) < 2:
+        return [_fetch_one(run, path, run.artifacts_dir, deadline) for path in wanted]
+    refused: list[str] = []
+    try:
+        got = get_many(wanted, run.artifacts_dir, timeout=max(0.1, deadline - time.monotonic()),
+                       within=run.workdir, refused=refused)
+    except Interrupted:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one at a time then, each with its own error
+        run.reporter.warn(f"collecting in one go failed ({type(exc).__name__}: {exc}); one at a time")
+        return [_fetch_one(run, path, run.artifacts_dir, deadline) for path in wanted]
+    return [(files, refused if index == 0 else [], "") for index, files in enumerate(got)]
+
+
 def collect(run: Run, budget: float, suspect_channel: bool = False) -> None:
     if run.remote is None:
         return
     deadline = time.monotonic() + budget
     run.artifacts_dir.mkdir(parents=True, exist_ok=True)
     wd = run.workdir
-    wanted = [(f"{wd}/logs/vllm.log", run.artifacts_dir),
-              (f"{wd}/artifacts", run.artifacts_dir)]
-    for entry in run.job.artifacts:
-        remote_path = entry if entry.startswith("/") else f"{wd}/suite/{entry}"
-        wanted.append((remote_path, run.artifacts_dir))
+    wanted = [f"{wd}/logs/vllm.log", f"{wd}/artifacts"]
+    wanted += [entry if entry.startswith("/") else f"{wd}/suite/{entry}" for entry in run.job.artifacts]
     with run.phase("collect"):
         fault_point("collect")
         if suspect_channel and not run._ensure_channel(0.5 if run._signal else budget):
             return
-        for remote_path, local in wanted:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        results = _fetch_all(run, wanted, deadline)
+        for remote_path, (got, refused, error) in zip(wanted, results, strict=True):
+            for why in refused:
+                run.reporter.warn(f"not collected: {why}")
+            if error:
+                run.reporter.warn(f"could not collect {remote_path}: {error}")
+            elif got is None:
                 run.reporter.warn(f"no time left to collect {remote_path}")
-                continue
-            try:
-                refused: list[str] = []
-                got = run.remote.get(remote_path, local, timeout=left, within=wd, refused=refused)
-                for why in refused:
-                    run.reporter.warn(f"not collected: {why}")
-                if not got and not remote_path.endswith("/artifacts"):
-                    run.reporter.warn(f"artifact {remote_path} was not found on the instance")
-            except Interrupted:
-                raise
-            except Exception as exc:  # noqa: BLE001 - collect is best effort, teardown must follow
-                run.reporter.warn(f"could not collect {remote_path}: {type(exc).__name__}: {exc}")
+            elif not got and not remote_path.endswith("/artifacts"):
+                run.reporter.warn(f"artifact {remote_path} was not found on the instance")
         # The suite's output, the server's log and every text artifact (JUnit's
         # system-out included) are masked before anyone reads them.
         for path in run.masker.mask_tree(run.artifacts_dir):

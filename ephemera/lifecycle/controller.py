@@ -115,6 +115,8 @@ class Run:
         self.weights: Any = None            # ephemera.lifecycle.weights.WeightsJob
         self.cache_env: dict[str, str] = {}  # the compile caches' environment for vLLM
         self.s3_caches: Any = None          # ephemera.lifecycle.cache_store.S3Caches
+        self.model_dir: Path | None = None   # the local model the run serves, if any
+        self.mounted_models: dict[str, str] = {}   # local model dir -> its read-only mount
         # One masker for everything the run prints and writes (ephemera.masking).
         self.masker = job_masker(loaded, warn=reporter.warn)
         reporter.masker = self.masker
@@ -374,6 +376,7 @@ class Run:
                 with self.phase("local_prepare"):
                     image = self._prepare_environment()
                     model_dir, hub_id = self._model_source()
+                    self.model_dir = model_dir
                 weights.start_local(self, hub_id)   # beside the pull, on this machine's engine
                 image = prepare.pull_before_launch(self, image)
                 # Building the built-ins on first use (minutes, once per machine) is not the

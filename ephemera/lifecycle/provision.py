@@ -100,7 +100,11 @@ def launch_spec(run: Run, offer: Offer, image: str, public_key: str | None,
     if boot_weights:   # a hub model the machine may start downloading at boot
         options["boot_weights"] = boot_weights
     mounts = weights.docker_mounts(run) + [v for v in [caches.docker_volume(run)] if v]
-    if mounts:   # the docker provider's bind mounts and volumes (hub and compile caches)
+    mounted = caches.model_mount(run, run.model_dir) if run.model_dir is not None else None
+    if mounted is not None:
+        mounts.append(mounted[0])
+        run.mounted_models[str(run.model_dir)] = mounted[1]
+    if mounts:   # the docker provider's bind mounts and volumes (model, hub and compile caches)
         options["docker"] = {**options.get("docker", {}), "mounts": mounts}
     return LaunchSpec(
         run_id=run.run_id, job_name=run.job.name, offer=offer, image=image, labels=labels,

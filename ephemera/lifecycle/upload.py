@@ -36,6 +36,10 @@ def upload(run: Run, model_dir: Path | None) -> str:
                                             f"{result.output_tail.strip()[-300:]}", exit_status=result.exit_status)
         for local, target in uploads:
             run.remote.put(local, target, timeout=run._time_left("upload"))
+        if model_dir is not None and str(model_dir) in run.mounted_models:
+            path = run.mounted_models[str(model_dir)]
+            run._log(f"model {model_dir.name}: mounted read-only at {path}")
+            return path
         if model_dir is not None:   # at a path fixed by its content, shared by runs
             return caches.upload_model(run, model_dir, run._host_remote(), run._time_left("upload"))
     return ""
