@@ -297,9 +297,6 @@ class Run:
     def _server_log_tail(self, lines: int = serving.SERVER_LOG_TAIL) -> str:
         return serving.server_log_tail(self, lines)
 
-    def _startup_note(self) -> str:
-        return serving.startup_note(self)
-
     def wait_healthy(self) -> None:
         return serving.wait_healthy(self)
 

@@ -24,13 +24,17 @@ from ephemera.provider import (
 )
 from ephemera.spec.job import BUILTIN_CPU_IMAGE
 from ephemera.transport.container import ContainerRemote
+from ephemera.transport.remote import ShellRemote, is_running_command
 
 if TYPE_CHECKING:  # pragma: no cover
     from ephemera.lifecycle.controller import Run
 
 SERVER_LOG_TAIL = 50
 HEALTH_POLL_SECONDS = 0.1   # readiness is noticed within a tenth of a second (a local request)
-HEALTH_PROGRESS_SECONDS = 3.0  # vLLM's last log line, while waiting for it
+# While waiting: whether vLLM still runs and its last log line, first after a second
+# (a bad argument ends it at once), then every few seconds.
+FIRST_WATCH_SECONDS = 1.0
+WATCH_SECONDS = 3.0
 PREPARE_POLL_SECONDS = 1.0  # how often the health wait looks at suite.prepare
 
 
@@ -86,20 +90,32 @@ def server_log_tail(run: Run, lines: int = SERVER_LOG_TAIL) -> str:
         return f"(could not read the server log: {exc})"
 
 
-def startup_note(run: Run) -> str:
-    """vLLM's last log line, and the bytes of weights downloaded so far (hub models)."""
-    assert run.remote is not None and run.server_cmd is not None
-    hub = "" if any("/.models/" in a or "/snapshots/" in a for a in run.server_cmd.argv) else (
+def watch(run: Run) -> tuple[bool, str]:
+    """While waiting for health: whether the server still runs, and the progress note
+    (vLLM's last log line, and the bytes of weights downloaded so far for hub models),
+    in one command where the channel is a shell (each command costs the machine a
+    process start while vLLM is starting on it)."""
+    assert run.remote is not None and run.server_cmd is not None and run.server_handle
+    hub = "" if any("/.models/" in a or "/ephemera-models/" in a or "/snapshots/" in a
+                    for a in run.server_cmd.argv) else (
         '; du -sb "${HF_HOME:-$HOME/.cache/huggingface}" 2>/dev/null | cut -f1')
+    shell = isinstance(run.remote, ShellRemote)
+    alive = True if shell else run.remote.is_running(run.server_handle)
+    first = f"{is_running_command(run.server_handle)}; " if shell else ""
     try:
-        result = run.remote.run(f"tail -n 1 {shlex.quote(run.workdir)}/logs/vllm.log{hub}",
+        result = run.remote.run(f"{first}tail -n 1 {shlex.quote(run.workdir)}/logs/vllm.log{hub}",
                                  env=run.server_env(), timeout=10)
     except Exception:  # noqa: BLE001 - a progress note is never worth failing the run
-        return "vLLM: (log not readable yet)"
+        return (run.remote.is_running(run.server_handle) if first else alive,
+                "vLLM: (log not readable yet)")
     lines = result.output_tail.strip().splitlines()
+    if first:
+        answer = lines.pop(0).strip() if lines else ""
+        # No clear answer (a command cut short): ask on its own rather than guess.
+        alive = answer == "yes" if answer in ("yes", "no") else run.remote.is_running(run.server_handle)
     size = lines.pop() if hub and lines and lines[-1].isdigit() else ""
-    weights = f" [weights {int(size) / 2**30:.2f} GiB downloaded]" if size else ""
-    return f"vLLM{weights}: {run._redact(lines[-1][:200]) if lines else '(no output yet)'}"
+    weights_note = f" [weights {int(size) / 2**30:.2f} GiB downloaded]" if size else ""
+    return alive, f"vLLM{weights_note}: {run._redact(lines[-1][:200]) if lines else '(no output yet)'}"
 
 
 def wait_healthy(run: Run) -> None:
@@ -109,9 +125,8 @@ def wait_healthy(run: Run) -> None:
         local_port = run.remote.forward(run.server_cmd.port)
         base = f"http://127.0.0.1:{local_port}"
         run.base_url = base
-        next_alive_check = 0.0
+        next_watch = time.monotonic() + FIRST_WATCH_SECONDS
         next_prepare_check = time.monotonic() + PREPARE_POLL_SECONDS
-        next_progress = time.monotonic() + HEALTH_PROGRESS_SECONDS
         last_detail = ""
         fault_point("health")
         while True:
@@ -121,19 +136,18 @@ def wait_healthy(run: Run) -> None:
                 return
             last_detail = health.detail
             now = time.monotonic()
-            if now >= next_progress:
-                next_progress = now + HEALTH_PROGRESS_SECONDS
-                run.reporter.progress(run._startup_note())
             if now >= next_prepare_check:
                 suite_prepare.poll(run)
                 next_prepare_check = now + PREPARE_POLL_SECONDS
-            if now >= next_alive_check:
-                if not run.remote.is_running(run.server_handle):
+            if now >= next_watch:
+                alive, note = watch(run)
+                if not alive:
                     tail = run._server_log_tail()
                     raise ServerFailedError(
                         f"vLLM exited while starting. Last {SERVER_LOG_TAIL} lines of its log "
                         f"({run.artifacts_dir / 'vllm.log'}):\n{tail}")
-                next_alive_check = now + 2.0
+                run.reporter.progress(note)
+                next_watch = time.monotonic() + WATCH_SECONDS
             if now + HEALTH_POLL_SECONDS > deadline:
                 tail = run._server_log_tail(20)
                 raise run._timeout_error("health", seconds, by_job,
