@@ -275,6 +275,8 @@ class DockerProvider:
             "environment": dict(spec.env),
             # The job's code cannot gain privileges inside (setuid binaries, file caps).
             "security_opt": ["no-new-privileges"],
+            # The engine makes the run's directory as it creates the container.
+            "working_dir": f"{WORKROOT}/{spec.run_id}",
         }
         if opts.get("ipc") == "host":
             kwargs["ipc_mode"] = "host"
@@ -367,8 +369,9 @@ class DockerProvider:
         workdir = f"{WORKROOT}/{instance.run_id}"
         endpoint = instance.endpoint
         if instance.state != InstanceState.READY:
-            done = container.exec_run(["mkdir", "-p", workdir])
-            if done.exit_code != 0:
+            made = (container.attrs.get("Config") or {}).get("WorkingDir") == workdir
+            done = None if made else container.exec_run(["mkdir", "-p", workdir])
+            if done is not None and done.exit_code != 0:
                 return current.evolve(message=f"could not create {workdir} in the container")
             if current.data.get("exec") == "ssh":
                 try:
