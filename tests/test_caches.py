@@ -175,3 +175,19 @@ def test_a_remembered_digest_stands_only_while_the_files_are_unchanged(tmp_path,
     memo.write_text("{not json")                             # a damaged memo costs time only
     assert caches.model_digest(model, memo) == second
     assert json.loads(memo.read_text())[str(model.resolve())]["digest"] == second
+
+
+def test_a_machine_booted_from_a_baked_image_uses_the_caches_baked_into_it(tmp_path):
+    from ephemera.lifecycle import weights
+
+    run = _run(tmp_path)
+    run.job = run.job.model_copy(update={"cache": run.job.cache.model_copy(
+        update={"compile": None, "weights": None})})
+    run.caps = Capabilities(runs=Runs.MACHINE)
+    assert caches.compile_root(run) is None and weights._location(run) is None
+    run.plan = SimpleNamespace(machine_image={"id": "ami-0123", "key": "k"})
+    assert caches.compile_root(run) == str(tmp_path / "runs" / ".cache" / "compile")
+    assert weights._location(run) == "auto"
+    named = tmp_path / "elsewhere"
+    run.job = run.job.model_copy(update={"cache": run.job.cache.model_copy(update={"compile": str(named)})})
+    assert caches.compile_root(run) == str(named)      # a job's own place still wins

@@ -53,6 +53,17 @@ class S3Caches:
     compile: tuple[str, str, str] | None = None   # (location, compile root, key)
 
 
+def configured(run: Run, name: str) -> str | None:
+    """Where the ``name`` cache ("weights" or "compile") lives: ``cache.<name>``, else its
+    setting, else ``auto`` on a machine booted from a baked image (which holds the caches
+    where ``auto`` puts them), else None (no lasting cache)."""
+    value = getattr(run.job.cache, name) or getattr(run.settings, f"cache_{name}")
+    plan = getattr(run, "plan", None)
+    if value is None and plan is not None and plan.machine_image:
+        return "auto"
+    return value
+
+
 def is_s3(location: str | None) -> bool:
     return bool(location) and str(location).startswith("s3://")
 

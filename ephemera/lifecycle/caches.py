@@ -101,7 +101,7 @@ def compile_env(directory: str, gpu: bool) -> dict[str, str]:
 
 # ------------------------------------------------------------------ where
 def _location(run: Run) -> str | None:
-    return run.job.cache.compile or run.settings.cache_compile
+    return cache_store.configured(run, "compile")
 
 
 def runs_root(run: Run) -> str:

@@ -100,7 +100,7 @@ class WeightsJob:
 
 
 def _location(run: Run) -> str | None:
-    return run.job.cache.weights or run.settings.cache_weights
+    return cache_store.configured(run, "weights")
 
 
 def _env_value(run: Run, name: str) -> str | None:
