@@ -105,6 +105,7 @@ def ready(base: str, model: str) -> bool:
 def plain_run(job: Path, image: str, model_dir: Path, prepare_seconds: int) -> dict[str, float]:
     """The same work, phase after phase; the seconds of each and the total."""
     from ephemera.lifecycle.server import build_server_command
+    from ephemera.spec.job import BUILTIN_CPU_IMAGE
     from ephemera.spec.jobfile import load_job
 
     loaded = load_job(job)
@@ -113,6 +114,8 @@ def plain_run(job: Path, image: str, model_dir: Path, prepare_seconds: int) -> d
                                python="python3", host="127.0.0.1", port=port)
     name = f"bench-plain-{os.getpid()}-{port}"
     env = {**loaded.job.env, **loaded.job.server.env}
+    if loaded.job.image.split(":")[0] == BUILTIN_CPU_IMAGE:   # as ephemera's server_env
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env_flags = [f"-e{k}={v}" for k, v in env.items()]
     marks = {"begin": time.monotonic()}
     subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", "host",

@@ -34,7 +34,7 @@ HEALTH_POLL_SECONDS = 0.1   # readiness is noticed within a tenth of a second (a
 # While waiting: whether vLLM still runs and its last log line, first after a second
 # (a bad argument ends it at once), then every few seconds.
 FIRST_WATCH_SECONDS = 1.0
-WATCH_SECONDS = 3.0
+WATCH_SECONDS = 5.0
 PREPARE_POLL_SECONDS = 1.0  # how often the health wait looks at suite.prepare
 
 
