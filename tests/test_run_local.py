@@ -1,20 +1,25 @@
 """`ephemera run` end to end with the local provider: real vLLM (CPU build) serving the
 tiny model, a real pytest suite, real signals. Every test checks that nothing of
-the run is left running and that the logs came back."""
+the run is left running and that the logs came back. Where the suite's end is the point
+(a failing or flooding suite, its timeout, a signal during it), the server is the small
+real stand-in for vLLM (tests/standin)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.standin_targets import standin_server
 from tests.runlib import (
     JOBS,
     RunProcess,
+    deep_update,
     ephemera,
     processes_of,
     run_env,
@@ -98,10 +103,10 @@ def test_failing_suite_with_10mib_on_both_streams(tmp_path, env):
     flood = ("import sys; chunk = 'x' * 1023 + '\\n'; "
              "[(sys.stdout.write(chunk), sys.stderr.write(chunk)) for _ in range(10240)]; "
              "print('secret is', __import__('os').environ['MY_API_TOKEN']); sys.exit(3)")
-    job = write_job(tmp_path, "local-cpu-smoke.yaml", {
+    job = write_job(tmp_path, "local-cpu-smoke.yaml", deep_update(standin_server(tmp_path, sys.executable), {
         "suite": {"command": f'python -c "{flood}"'},
         "env": {"MY_API_TOKEN": "tok-very-secret-42"},
-    })
+    }))
     # Price this machine at $3.60/h through a catalog file, so the cost is not zero.
     catalog = tmp_path / "priced.csv"
     catalog.write_text("provider,instance_type,region,gpu,gpu_count,gpu_memory_gib,vcpus,memory_gib,price_per_hour\n"
@@ -136,7 +141,8 @@ def test_failing_suite_with_10mib_on_both_streams(tmp_path, env):
 
 @pytest.mark.timeout(600)
 def test_suite_past_its_timeout_is_stopped(tmp_path, env):
-    job = write_job(tmp_path, "local-cpu-smoke.yaml", {"suite": {"command": "sleep 600", "timeout": "5s"}})
+    job = write_job(tmp_path, "local-cpu-smoke.yaml", deep_update(standin_server(tmp_path, sys.executable),
+                                                                  {"suite": {"command": "sleep 600", "timeout": "5s"}}))
     run = RunProcess(job, env)
     code, result = run.finish(timeout=560)
     assert code == 4, run.stderr[-3000:]
@@ -148,7 +154,8 @@ def test_suite_past_its_timeout_is_stopped(tmp_path, env):
 
 @pytest.mark.timeout(600)
 def test_sigterm_during_the_suite(tmp_path, env):
-    job = write_job(tmp_path, "local-cpu-smoke.yaml", {"suite": {"command": "echo suite-started; sleep 600"}})
+    job = write_job(tmp_path, "local-cpu-smoke.yaml", deep_update(standin_server(tmp_path, sys.executable),
+                                                                  {"suite": {"command": "echo suite-started; sleep 600"}}))
     run = RunProcess(job, env)
     run.wait_for("suite| suite-started", timeout=500)
     run.signal(signal.SIGTERM)

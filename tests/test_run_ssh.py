@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.runlib import RunProcess, processes_of, run_env, wait_no_processes, write_job
+from tests.fixtures.standin_targets import standin_server
+from tests.runlib import (
+    RunProcess,
+    deep_update,
+    processes_of,
+    run_env,
+    wait_no_processes,
+    write_job,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.sshd]
 
@@ -82,8 +90,10 @@ def test_ssh_job_passes_end_to_end(tmp_path, ssh_job):
 def test_frozen_ssh_peer_fails_within_the_deadline(tmp_path, ssh_job, sshd):
     """The sshd session serving the run is stopped with SIGSTOP during the suite: the TCP
     connection stays up and nothing answers. The run must fail by its suite deadline,
-    tear down over a fresh connection, and not hang."""
-    job, env = ssh_job({"suite": {"command": "echo suite-started; sleep 600", "timeout": "20s"}})
+    tear down over a fresh connection, and not hang. (The server is the small real
+    stand-in for vLLM: the channel is the point.)"""
+    job, env = ssh_job(deep_update(standin_server(tmp_path, "python3"),
+                                   {"suite": {"command": "echo suite-started; sleep 600", "timeout": "10s"}}))
     run = RunProcess(job, env)
     run.wait_for("suite| suite-started", timeout=500)
     run_id = run.run_id()

@@ -17,17 +17,18 @@ from tests.fixtures.standin_targets import Target
 from tests.runlib import RunProcess
 
 SLOW_START = 25  # seconds the server's start is held (the health wait)
+PASSING_START = 8  # the same, where a 2 s prepare only has to end inside it
 
 
-def _slow_server(target: Target) -> None:
-    """Hold the stand-in's start: a sitecustomize in its folder (on the server's
-    PYTHONPATH only) sleeps first when the server's environment asks for it."""
+def _slow_server(target: Target, seconds: float = SLOW_START) -> None:
+    """Hold the stand-in's start for ``seconds``: a sitecustomize in its folder (on the
+    server's PYTHONPATH only) sleeps first when the server's environment asks for it."""
     data = YAML().load(target.job.read_text())
     standin = target.job.parent / "standin"
     (standin / "sitecustomize.py").write_text(
         "import os, time\n"
         "time.sleep(float(os.environ.get('STANDIN_SLOW_START', '0')))\n")
-    data["server"]["env"]["STANDIN_SLOW_START"] = str(SLOW_START)
+    data["server"]["env"]["STANDIN_SLOW_START"] = str(seconds)
     with target.job.open("w") as fh:
         YAML().dump(data, fh)
 
@@ -82,8 +83,9 @@ def test_a_prepare_failure_during_the_health_wait_stops_the_server_and_leaves_no
 
 
 @pytest.mark.timeout(240)
-def test_a_passing_prepare_runs_during_the_health_wait_before_the_suite(local_slow):
-    target = local_slow
+def test_a_passing_prepare_runs_during_the_health_wait_before_the_suite(local_target):
+    target = local_target
+    _slow_server(target, PASSING_START)
     _with_suite(target, prepare=["sleep 2", "echo ready > prepared.txt"],
                 setup=["test -f prepared.txt"], command="cat prepared.txt")
     run = RunProcess(target.job, target.env, *target.args)
@@ -96,7 +98,7 @@ def test_a_passing_prepare_runs_during_the_health_wait_before_the_suite(local_sl
     assert phases["server_start"]["start"] <= prepare["start"] <= health["start"] + 1.0
     assert prepare["start"] + prepare["seconds"] < health["start"] + health["seconds"]
     assert prepare["start"] + prepare["seconds"] <= suite["start"]
-    assert 2.0 <= prepare["seconds"] < SLOW_START
+    assert 2.0 <= prepare["seconds"] < PASSING_START
     assert "ready" in (Path(result["artifacts_dir"]) / "suite.log").read_text()
     assert "where the time went:" in run.stderr
     assert target.leftovers(result["run_id"]) == []
