@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,15 @@ def write_job(directory: Path, template: str, changes: dict[str, Any] | None = N
     with path.open("w") as fh:
         yaml.dump(data, fh)
     return path
+
+
+def edit_job(job: Path, change: Callable[[Any], None]) -> None:
+    """Rewrite a job file in place through ``change`` (given the loaded YAML)."""
+    yaml = YAML()
+    data = yaml.load(job.read_text())
+    change(data)
+    with job.open("w") as fh:
+        yaml.dump(data, fh)
 
 
 class RunProcess:

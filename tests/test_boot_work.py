@@ -21,17 +21,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 from ephemera_providers.aws_userdata import BOOT_WORK_MARK
-from ruamel.yaml import YAML
 
 from tests.fixtures.common import missing_component
 from tests.fixtures.standin_targets import _env, _job, aws_leftovers, end_vm_processes
-from tests.runlib import KeyInstaller, RunProcess, processes_of
+from tests.runlib import KeyInstaller, RunProcess, edit_job, processes_of
 from tests.test_pull_progress import (  # noqa: F401
     _forget,
     _through,
@@ -44,36 +42,14 @@ from tests.test_weights import TOKEN, _files
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _as_user(user: str, *argv: str) -> bool:
-    return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
-                          timeout=60).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def hub_python(docker_login_user) -> str:
-    """A Python the login user runs, with this checkout's huggingface_hub: the checkout's
-    own, or, where that lives behind a directory the user cannot enter (a Python under
-    /root), the system's Python of the same version with the checkout's packages."""
-    user = docker_login_user.server.user
-    own = str(REPO / ".venv" / "bin" / "python")
-    if _as_user(user, own, "-c", "import huggingface_hub"):
-        return own
-    wrapper = docker_login_user.home / "hub-python"
-    site = sysconfig.get_paths()["purelib"]
-    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec /usr/bin/python3 "$@"\n')
-    wrapper.chmod(0o755)
-    if not _as_user(user, str(wrapper), "-c", "import huggingface_hub"):
-        missing_component(f"no Python with huggingface_hub that {user} can run "
-                          f"(this checkout's is Python {sys.version_info[:2]})")
-    return str(wrapper)
-
-
-def _edit(job: Path, change) -> None:
-    yaml = YAML()
-    data = yaml.load(job.read_text())
-    change(data)
-    with job.open("w") as fh:
-        yaml.dump(data, fh)
+    """A Python the login user runs, with this checkout's huggingface_hub."""
+    found = docker_login_user.python_with("huggingface_hub")
+    if found is None:
+        missing_component(f"no Python with huggingface_hub that {docker_login_user.server.user} "
+                          f"can run (this checkout's is Python {sys.version_info[:2]})")
+    return found
 
 
 def _hub_job(job: Path, repo: str, home: str, **top) -> None:
@@ -87,7 +63,7 @@ def _hub_job(job: Path, repo: str, home: str, **top) -> None:
         data["suite"]["command"] = f"ls {snapshots}/*/config.json && echo weights-found"
         data.update(top)
 
-    _edit(job, change)
+    edit_job(job, change)
 
 
 def _phase(result: dict, name: str) -> tuple[float, float]:
@@ -245,7 +221,7 @@ def test_aws_run_joins_the_pull_and_the_download_started_at_boot(aws_boot, slow_
     hub.add("ephemera-test/boot-hub", _files(), delay=2.0)   # still downloading at login
     image = _through(slow_registry(2.0), aws_boot["image"])   # still pulling at login
     _forget(image)
-    _edit(aws_boot["job"], lambda data: data.update(image=image))
+    edit_job(aws_boot["job"], lambda data: data.update(image=image))
     try:
         result, stderr = _run_aws(aws_boot, tmp_path, "ephemera-test/boot-hub")
     finally:

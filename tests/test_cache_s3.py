@@ -17,9 +17,7 @@ import json
 import os
 import pwd
 import shutil
-import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from contextlib import contextmanager
@@ -37,7 +35,7 @@ from ephemera.lifecycle.weights import download
 from ephemera.spec.jobfile import load_job
 from tests.fixtures.loopback_hub import LoopbackHub, _handler
 from tests.fixtures.standin_targets import end_vm_processes
-from tests.runlib import REPO, RunProcess, ephemera, run_env
+from tests.runlib import RunProcess, ephemera, run_env
 from tests.test_weights import _files
 
 BUCKET = "ephemera-caches"
@@ -218,30 +216,6 @@ def _login_aws_config(home: Path, endpoint: str):
         shutil.rmtree(aws, ignore_errors=True)
 
 
-def _hub_python(user: str, directory: Path) -> str:
-    """A Python with boto3 and huggingface_hub that the login user can run, so nothing is
-    installed on the "instance": this checkout's virtualenv, or (where its interpreter is
-    private to root) the system's Python of the same version reading its packages."""
-    venv_python = REPO / ".venv" / "bin" / "python"
-    check = "'{}' -c 'import boto3, huggingface_hub'"
-    if subprocess.run(["su", "-s", "/bin/sh", user, "-c", check.format(venv_python)],
-                      capture_output=True).returncode == 0:
-        return str(venv_python)
-    system = shutil.which("python3", path="/usr/bin:/bin")
-    version = subprocess.run([system or "python3", "-c", "import sys; print(sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()
-    assert system and version == str(tuple(sys.version_info[:2])), (
-        f"{user} can run neither {venv_python} nor a system Python {sys.version_info[:2]}")
-    wrapper = directory / "hub-python"
-    directory.mkdir(exist_ok=True)   # the runs' root, the user's own
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={sysconfig.get_paths()['purelib']} exec {system} \"$@\"\n")
-    wrapper.chmod(0o755)
-    info = pwd.getpwnam(user)
-    for path in (directory, wrapper):
-        os.chown(path, info.pw_uid, info.pw_gid)
-    return str(wrapper)
-
-
 def _aws_job(target, machine_hub: str) -> str:
     yaml = YAML()
     data = yaml.load(target.job.read_text())
@@ -285,6 +259,10 @@ def test_two_aws_runs_keep_weights_and_compile_caches_in_s3(aws_target, cpu_imag
         return original(self, instance_id, iam_instance_profile_name, iam_instance_profile_arn)
 
     monkeypatch.setattr(Assoc, "associate_iam_instance_profile", associate)
+    # Nothing is installed on the "instance": a Python with the checkout's packages.
+    hub_python = docker_login_user.python_with("boto3", "huggingface_hub")
+    assert hub_python, f"{docker_login_user.server.user} can run no Python {sys.version_info[:2]} " \
+                       "with boto3 and huggingface_hub"
 
     client = boto3.client("s3", region_name=REGION)
     client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
@@ -297,7 +275,7 @@ def test_two_aws_runs_keep_weights_and_compile_caches_in_s3(aws_target, cpu_imag
         repo = machine_hub.add("ephemera-test/tiny-hub", files)
         workroot = _aws_job(aws_target, machine_hub.url)
         env = {**aws_target.env, "HF_ENDPOINT": loopback_hub.url,
-               "EPHEMERA_HUB_PYTHON": _hub_python(docker_login_user.server.user, Path(workroot)),
+               "EPHEMERA_HUB_PYTHON": hub_python,
                "EPHEMERA_AWS_INSTANCE_PROFILE": "ephemera-cache"}
 
         first, suite_log = _run(aws_target, env)

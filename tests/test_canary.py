@@ -19,10 +19,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
 from tests.fixtures.standin_targets import end_vm_processes
-from tests.runlib import RunProcess
+from tests.runlib import RunProcess, edit_job
 
 SUITE = (
     'printf "plain %s\\n" "$API_TOKEN"; '
@@ -66,14 +65,6 @@ def _everything_written(tmp_path: Path, run: RunProcess) -> dict[str, bytes]:
     return out
 
 
-def _rewrite(job: Path, change) -> None:
-    yaml = YAML()
-    data = yaml.load(job.read_text())
-    change(data)
-    with job.open("w") as fh:
-        yaml.dump(data, fh)
-
-
 @pytest.mark.parametrize("target_name", ["local_target", "docker_target", "ssh_target", "aws_target"])
 @pytest.mark.timeout(300)
 def test_a_canary_in_the_environment_is_never_shown_nor_in_a_command_line(request, target_name, tmp_path):
@@ -87,7 +78,7 @@ def test_a_canary_in_the_environment_is_never_shown_nor_in_a_command_line(reques
         data["suite"]["command"] = SUITE
         data["artifacts"] = []
 
-    _rewrite(target.job, change)
+    edit_job(target.job, change)
     env = {**target.env, "EPHEMERA_TEST_CANARY": canary, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
     poller = CmdlinePoller(canary.encode())
     poller.start()
@@ -123,7 +114,7 @@ def test_a_canary_substituted_into_commands_is_masked_everywhere(request, target
         data["suite"]["command"] = "echo key ${EPHEMERA_TEST_CANARY}"
         data["artifacts"] = []
 
-    _rewrite(target.job, change)
+    edit_job(target.job, change)
     env = {**target.env, "EPHEMERA_TEST_CANARY": canary, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
     run = RunProcess(target.job, env, *target.args)
     code, result = run.finish(timeout=240)
