@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,23 @@ def _read_listing(text: str | None) -> dict[str, dict[str, str]]:
             for c, f in data.items() if isinstance(c, str) and isinstance(f, dict)}
 
 
+def _gets(remote: dict[str, tuple[int, str]], base: str, directory: Path,
+          wanted: Callable[[str], bool]) -> tuple[list[tuple[str, str, Path, int]], int]:
+    """The downloads that bring ``directory`` up to the objects under ``base`` that are
+    ``wanted`` (safe names only), skipping files already there with the same size; and
+    how many were skipped."""
+    jobs, skipped = [], 0
+    for name, (size, _etag) in sorted(remote.items()):
+        if not wanted(name) or not safe_relative(name):
+            continue
+        path = directory / name
+        if path.is_file() and path.stat().st_size == size:
+            skipped += 1
+            continue
+        jobs.append(("get", join(base, name), path, size))
+    return jobs, skipped
+
+
 def restore_hub(s3: Any, url: str, hub_dir: Path, folder: str, deadline: float) -> dict[str, Any]:
     bucket, prefix = split_url(url)
     base = join(prefix, "hub", folder)
@@ -231,15 +249,7 @@ def restore_hub(s3: Any, url: str, hub_dir: Path, folder: str, deadline: float) 
     if not remote:
         return Transfers(s3, bucket, deadline).summary("restore-hub", "absent", 0)
     repo_dir = hub_dir / folder
-    jobs, skipped = [], 0
-    for name, (size, _etag) in sorted(remote.items()):
-        if not name.startswith(("blobs/", "refs/")) or not safe_relative(name):
-            continue
-        path = repo_dir / name
-        if path.is_file() and path.stat().st_size == size:
-            skipped += 1
-            continue
-        jobs.append(("get", join(base, name), path, size))
+    jobs, skipped = _gets(remote, base, repo_dir, lambda name: name.startswith(("blobs/", "refs/")))
     transfers = Transfers(s3, bucket, deadline)
     transfers.run(jobs)
     listing = _read_listing(read_text(s3, bucket, join(base, LISTING)))
@@ -289,15 +299,7 @@ def restore_compile(s3: Any, url: str, root: Path, key: str, manifest: str,
     local = directory / MANIFEST
     if local.is_file() and local.read_text(errors="replace") != manifest:
         shutil.rmtree(directory)     # another key's leftovers: never mixed with this one
-    jobs, skipped = [], 0
-    for name, (size, _etag) in sorted(listed(s3, bucket, base).items()):
-        if name == MANIFEST or not safe_relative(name):
-            continue
-        path = directory / name
-        if path.is_file() and path.stat().st_size == size:
-            skipped += 1
-            continue
-        jobs.append(("get", join(base, name), path, size))
+    jobs, skipped = _gets(listed(s3, bucket, base), base, directory, lambda name: name != MANIFEST)
     transfers = Transfers(s3, bucket, deadline)
     transfers.run(jobs)
     if transfers.whole:
