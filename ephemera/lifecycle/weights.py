@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from ephemera.lifecycle import cache_store
 from ephemera.lifecycle.records import PhaseRecord
 from ephemera.provider import Runs
-from ephemera.transport.container import BootTask, read_boot_task
+from ephemera.transport.container import BootTask, read_boot_task, wait_boot_task
 from ephemera.transport.remote import inside
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -161,12 +161,8 @@ def host_command(python: str, home: str, venv: str, repo: str, revision: str,
     once); its last line is ``DONE_MARK`` and the snapshot's path. HF_TOKEN and
     HF_ENDPOINT come from the environment. ``before``: a restore of the hub cache from
     S3 (``cache_store.hub_restore``), run first by a Python that also has boto3."""
-    py, env = shlex.quote(python), shlex.quote(venv)
-    find_python = (f"if {py} -c 'import huggingface_hub' 2>/dev/null; then PY={py}; "
-                   f"else [ -x {env}/bin/python ] || {{ python3 -m venv {env} && "
-                   f"{env}/bin/pip install -q huggingface_hub; }}; PY={env}/bin/python; fi; ")
-    if before:
-        find_python = cache_store.find_python(python, venv, ("huggingface_hub", "boto3")) + before
+    modules = ("huggingface_hub", "boto3") if before else ("huggingface_hub",)
+    find_python = cache_store.find_python(python, venv, modules) + before
     return (f"mkdir -p {shlex.quote(home)}/hub && {find_python}"
             f"exec $PY -c {shlex.quote(HOST_SCRIPT)} {shlex.quote(repo)} "
             f"{shlex.quote(revision)} {shlex.quote(home + '/hub')}")
@@ -248,15 +244,11 @@ def _wait_boot(run: Run, job: WeightsJob, deadline: float) -> bool:
     host = run._host_remote()
     where = f"{run.caps.boot_dir}/weights"
     since = time.monotonic()
-    task = read_boot_task(host, where)
-    while task.state in ("running", "starting"):
-        if time.monotonic() > deadline:
-            job.result["error"] = "the download started at boot did not finish in time"
-            return True
-        run.reporter.progress(f"weights: waiting for the download started at boot "
-                              f"({time.monotonic() - since:.0f}s)")
-        time.sleep(1.0)
-        task = read_boot_task(host, where)
+    task = wait_boot_task(host, where, deadline, lambda _seen: run.reporter.progress(
+        f"weights: waiting for the download started at boot ({time.monotonic() - since:.0f}s)"))
+    if task is None:
+        job.result["error"] = "the download started at boot did not finish in time"
+        return True
     marks = [ln for ln in task.log if ln.startswith(DONE_MARK)]
     if task.rc == 0 and marks:
         job.result["snapshot"] = marks[-1][len(DONE_MARK):].strip()

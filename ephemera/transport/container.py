@@ -107,6 +107,21 @@ def read_boot_task(host: Remote, task_dir: str) -> BootTask:
     return task
 
 
+def wait_boot_task(host: Remote, task_dir: str, deadline: float,
+                   waiting: Callable[[BootTask], None]) -> BootTask | None:
+    """Read the boot task in ``task_dir`` until it is no longer starting or running
+    (``waiting`` is told each reading meanwhile, a second apart); None when
+    ``deadline`` (a monotonic time) passes first."""
+    task = read_boot_task(host, task_dir)
+    while task.state in ("running", "starting"):
+        if time.monotonic() > deadline:
+            return None
+        waiting(task)
+        time.sleep(1.0)
+        task = read_boot_task(host, task_dir)
+    return task
+
+
 class PullProgress:
     """Reads ``docker pull``'s plain output ("<layer>: Pull complete", ...) into a note of
     the layers done / total for ``progress``."""
@@ -235,14 +250,14 @@ class ContainerRemote(ShellRemote):
         task = read_boot_task(self.host, task_dir)
         if task.state == "none" or task.want[:1] != [image]:
             return ""
-        while task.state in ("running", "starting"):
-            for line in task.log:
+        def show(seen: BootTask) -> None:
+            for line in seen.log:
                 note(line)
-            if time.monotonic() > deadline:
-                raise PhaseTimeoutError("image", timeout, f"the pull of {image} started at boot "
-                                        f"did not finish within the image phase's {timeout:.0f}s")
-            time.sleep(1.0)
-            task = read_boot_task(self.host, task_dir)
+
+        task = wait_boot_task(self.host, task_dir, deadline, show)
+        if task is None:
+            raise PhaseTimeoutError("image", timeout, f"the pull of {image} started at boot "
+                                    f"did not finish within the image phase's {timeout:.0f}s")
         if task.rc == 0:
             return "joined the pull started at boot (done)"
         why = f"exit status {task.rc}" if task.rc is not None else "not running"
