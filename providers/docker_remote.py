@@ -215,13 +215,15 @@ class DockerRemote(ShellRemote):
         for paths in expanded:
             written: list[Path] = []
             for path in paths:
-                verdict = checks.get(path, "X")
+                verdict = checks.get(path)
                 if verdict == "M":
                     continue
                 if verdict == "L":
                     refused.append(f"{path} is a symbolic link: not followed")
                 elif verdict == "X":
                     refused.append(f"{path} is outside the run directory {within}: not copied")
+                elif verdict is None:   # the check itself gave no answer: nothing unchecked
+                    refused.append(f"{path} could not be checked in the container: not copied")
                 else:
                     written += self._get_one(path, local, timeout, refused)
             out.append(written)
